@@ -11,6 +11,7 @@ import base64
 import binascii
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import format as fmt
@@ -90,3 +91,18 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring(current={self.current.key_id!r}, ids={sorted(self._by_id)!r})"
+
+
+def load_keyring(*, key_file: str | None, environ: Mapping[str, str]) -> Keyring | None:
+    """The configured key (key file first, then the environment), or None if there is none."""
+    if key_file is not None:
+        try:
+            with open(key_file, encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            raise InvalidKey(f"cannot read key file {key_file}: {e.strerror}") from None
+    elif environ.get(ENV_KEY, "").strip():
+        text = environ[ENV_KEY]
+    else:
+        return None
+    return Keyring(Key(parse_key_id(environ.get(ENV_KEY_ID)), parse_key(text)))
