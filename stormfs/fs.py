@@ -216,6 +216,11 @@ class Operations(pyfuse3.Operations):
         self.table.rekey(node, st)
         node.cached = Identity.of(st)
 
+    async def _close_reader(self, node: Node) -> None:
+        reader, node.reader = node.reader, None
+        if reader is not None:
+            await self._run(reader.close)
+
     def _metadata_changed(self, node: Node) -> None:
         """Blocking: our own chmod/chown/utime/xattr change moved ctime, not content."""
         reader = node.reader
@@ -285,9 +290,8 @@ class Operations(pyfuse3.Operations):
                 node.times = None
                 if fh is None or opened_here:
                     await self._commit(node, durable=False)
-                if opened_here and node.opens == 0 and node.reader is not None:
-                    await self._run(node.reader.close)
-                    node.reader = None
+                if opened_here and node.opens == 0:
+                    await self._close_reader(node)
             await self._run(self._set_metadata, node, path, attr, fields)
         return await self._entry(node)
 
@@ -495,8 +499,7 @@ class Operations(pyfuse3.Operations):
         node = self.table.bind(parent_inode, name, st)
         node.lookups += 1
         async with node.lock:
-            if node.reader is not None:
-                await self._run(node.reader.close)
+            await self._close_reader(node)
             node.reader = PlainReader(fd, 0)
             # Dirty from birth: even a file closed without a write becomes an envelope.
             self._working(node)
@@ -517,6 +520,9 @@ class Operations(pyfuse3.Operations):
                 ident = Identity.of(st)
                 keep = ident == node.cached
                 node.cached = ident
+                if isinstance(node.reader, EnvelopeReader) and not flags & os.O_TRUNC:
+                    # A damaged file fails at open, even one whose plaintext is empty.
+                    await self._run(node.reader.verify)
             else:
                 keep = True
             if flags & os.O_TRUNC and writable:
@@ -578,12 +584,10 @@ class Operations(pyfuse3.Operations):
                         await self._commit(node, durable=False)
                     except Exception as e:
                         log.error("pending writes to inode %d lost: %s", node.inode, e)
-                    if node.working is not None:
-                        await self._run(node.working.close)
-                        node.working = None
-                if node.reader is not None:
-                    await self._run(node.reader.close)
-                    node.reader = None
+                    working, node.working = node.working, None
+                    if working is not None:
+                        await self._run(working.close)
+                await self._close_reader(node)
         self.table.drop_if_idle(node)
 
     # ---- directories ----------------------------------------------------------
@@ -707,7 +711,8 @@ class Operations(pyfuse3.Operations):
             os.setxattr(path, key, value, follow_symlinks=False)
             self._metadata_changed(node)
 
-        await self._run(work)
+        async with node.lock:
+            await self._run(work)
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -726,7 +731,8 @@ class Operations(pyfuse3.Operations):
                 raise
             self._metadata_changed(node)
 
-        await self._run(work)
+        async with node.lock:
+            await self._run(work)
 
 
 def _sync_dir(path: bytes) -> None:
