@@ -49,6 +49,14 @@ class Mount:
     env: dict[str, str] = field(repr=False, default_factory=dict)
 
     @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def instance_dirs(self) -> list[str]:
+        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet cleaned)."""
+        return sorted(os.listdir(self.source / ".stormfs" / "tmp"))
+
+    @property
     def raw_key(self) -> bytes:
         assert self.key is not None
         return keys.parse_key(self.key)
@@ -138,6 +146,35 @@ def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
 @pytest.fixture
 def mounted(mount_factory: MountFactory) -> Mount:
     return mount_factory()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Make size-limited tmpfs mounts; each is unmounted in teardown, even after a failure.
+
+    Request it before `mount_factory`, so that stormfs mounts on top are stopped first;
+    a tmpfs still busy is detached lazily all the same.
+    """
+    made: list[Path] = []
+
+    def make(size: str, name: str = "tmpfs") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", name, str(path)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        if is_mounted(path):
+            done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+            if done.returncode != 0:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
