@@ -322,8 +322,14 @@ class Store:
 
     def _replay(self, instance: bytes, rec_name: bytes) -> None:
         """Finish an interrupted in-place rewrite (the temp is complete and synced)."""
-        with open(os.path.join(instance, rec_name), "rb") as f:
-            rec = json.load(f)
+        try:
+            with open(os.path.join(instance, rec_name), "rb") as f:
+                rec = json.load(f)
+        except ValueError:
+            # Torn while it was written: the copy starts only once the record is
+            # synced, so the target was never touched.
+            log.info("dropped an incomplete redo record %s", os.fsdecode(rec_name))
+            return
         target = os.fsencode(rec["target"])
         try:
             src = os.open(os.path.join(instance, rec["temp"].encode()), os.O_RDONLY)
