@@ -161,6 +161,13 @@ class Operations(pyfuse3.Operations):
             st = os.fstat(node.reader.fd)  # unlinked but open
             return st, node.reader.size
         st, size, _ = self.store.stat(path)
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
+            # The name was given to another kind of object behind the mount.  An open
+            # file is still what its handles read; otherwise ESTALE makes the kernel look
+            # the name up again (a changed type would poison its cached inode with EIO).
+            if node.reader is None or not hasattr(node.reader, "fd"):
+                raise OSError(errno.ESTALE, "replaced by another kind of file")
+            return os.fstat(node.reader.fd), node.reader.size
         return st, size
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:

@@ -182,9 +182,17 @@ class Store:
             return None
 
     def open_reader(self, path: bytes) -> Reader:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _replaced(path) from None
+            raise
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _replaced(path)
             kind = fmt.classify(st.st_size, os.pread(fd, 1, 0))
             self._kinds.put(Identity.of(st), kind)
             if kind is fmt.Kind.PLAINTEXT:
@@ -350,6 +358,12 @@ class Store:
         finally:
             os.close(fd)
             os.close(src)
+
+
+def _replaced(path: bytes) -> OSError:
+    """The regular file the kernel knows was replaced by another kind of object behind
+    the mount.  ESTALE makes the kernel look the name up again and retry."""
+    return OSError(errno.ESTALE, "no longer a regular file", os.fsdecode(path))
 
 
 def _write_durably(dir_fd: int, name: bytes, data: bytes) -> None:
