@@ -90,13 +90,15 @@ class InodeTable:
     def bind(self, parent: int, name: bytes, st: os.stat_result) -> Node:
         """The node for the backing file now found at parent/name."""
         key = (st.st_dev, st.st_ino)
+        link = (parent, name)
         node = self._by_key.get(key)
+        if node is not None and link not in node.links and not _may_be_same(node, st):
+            node = None  # the backing inode number was freed and given to another object
         if node is None:
             node = Node(self._next, key, st.st_mode)
             self._next += 1
             self._nodes[node.inode] = node
             self._by_key[key] = node
-        link = (parent, name)
         if self._by_link.get(link) is not node:
             self.unlink(parent, name)
             node.links[link] = None
@@ -153,3 +155,13 @@ class InodeTable:
             if self._by_link.get(link) is node:
                 del self._by_link[link]
         node.links.clear()
+
+
+def _may_be_same(node: Node, st: os.stat_result) -> bool:
+    """Whether `st`, found under a name `node` does not have yet, can be the object the
+    node stands for: the same type, and a kind of object that has several names (hard
+    links).  Otherwise the node's old names are stale: the object was removed or renamed
+    behind the mount and the file system reused its inode number."""
+    if stat.S_IFMT(node.mode) != stat.S_IFMT(st.st_mode):
+        return False
+    return not node.links or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
