@@ -1,0 +1,686 @@
+"""Fault injection (DESIGN §3): kill -9 at random moments, a full disk, backing files
+that go bad behind the mount, tampered envelopes.
+
+The kill tests print their seed; rerun a failure with STORMFS_CRASH_SEED=<seed>.
+`make stress` runs the kill loop many more times (STORMFS_STRESS_CRASH_ROUNDS).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stormfs import format as fmt
+from stormfs import keys
+
+from .conftest import Mount, MountFactory, wait_for
+from .test_view import storm_cloud_envelope
+
+pytestmark = pytest.mark.faults
+
+CRASH_ROUNDS = int(os.environ.get("STORMFS_CRASH_ROUNDS", "50"))
+SIZES = (0, 1, 17, 4096, 10_000, 65_536, 300_000, 1_200_000)
+# Errors a writer sees once its daemon is gone.
+DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def digest(data: bytes | None) -> str:
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()[:16] + f"/{len(data)}"
+
+
+class Versions:
+    """Per name: the last acknowledged content and every content attempted since.
+
+    After a crash a name may hold any of these, and nothing else (None: absent).
+    """
+
+    def __init__(self) -> None:
+        self.acked: dict[str, bytes | None] = {}
+        self.pending: dict[str, list[bytes | None]] = {}
+
+    def begin(self, name: str, content: bytes | None) -> None:
+        self.pending.setdefault(name, []).append(content)
+
+    def ack(self, name: str, content: bytes | None) -> None:
+        self.acked[name] = content
+        self.pending[name] = []
+
+    def current(self, name: str) -> bytes | None:
+        return self.acked.get(name)
+
+    def allowed(self, name: str) -> list[bytes | None]:
+        return [self.acked.get(name), *self.pending.get(name, [])]
+
+    def names(self) -> set[str]:
+        return set(self.acked) | set(self.pending)
+
+
+class Writer(threading.Thread):
+    """A stream of writes and commits through the mount, recorded in a `Versions` model.
+
+    Runs until the daemon dies under it; an error before `killed` is set is a failure.
+    """
+
+    LINKED = ("linked", "linked.2")
+
+    def __init__(self, mnt: Path, versions: Versions, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.mnt = mnt
+        self.v = versions
+        self.rng = rng
+        self.killed = threading.Event()
+        self.error: BaseException | None = None
+        self.ops = 0
+        self.created = sum(1 for n in versions.names() if n.startswith("new-"))
+
+    def run(self) -> None:
+        ops = [self.rewrite, self.patch, self.append, self.truncate, self.linked]
+        ops += [self.atomic_save, self.synced, self.create, self.remove]
+        try:
+            while True:
+                self.rng.choice(ops)()
+                self.ops += 1
+        except OSError as e:
+            if not (self.killed.is_set() and e.errno in DEAD_MOUNT):
+                self.error = e
+        except BaseException as e:
+            self.error = e
+
+    # ---- helpers -------------------------------------------------------------
+
+    def data(self) -> bytes:
+        n = self.rng.choice(SIZES)
+        return self.rng.randbytes(self.rng.randint(n // 2, n) if n else 0)
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[: 256 << 10]) :]
+
+    def _close(self, fd: int) -> None:
+        os.close(fd)
+
+    # ---- operations: each has exactly one commit point, or says where its others are --
+
+    def rewrite(self, name: str = "rewrite") -> None:
+        new = self.data()
+        fd = os.open(self.mnt / name, os.O_WRONLY | os.O_TRUNC)
+        self.v.begin(name, new)
+        try:
+            self._write_all(fd, new)
+        finally:
+            self._close(fd)
+        self.v.ack(name, new)
+
+    def patch(self, name: str = "patch", path: str | None = None) -> None:
+        old = self.v.current(name)
+        assert old is not None
+        off = self.rng.randint(0, len(old))
+        data = self.rng.randbytes(self.rng.randint(1, 70_000))
+        new = old[:off] + data + old[off + len(data) :]
+        fd = os.open(self.mnt / (path or name), os.O_WRONLY)
+        self.v.begin(name, new)
+        try:
+            os.pwrite(fd, data, off)
+        finally:
+            self._close(fd)
+        self.v.ack(name, new)
+
+    def append(self) -> None:
+        old = self.v.current("append")
+        assert old is not None
+        data = self.rng.randbytes(self.rng.randint(1, 100_000))
+        fd = os.open(self.mnt / "append", os.O_WRONLY | os.O_APPEND)
+        self.v.begin("append", old + data)
+        try:
+            self._write_all(fd, data)
+        finally:
+            self._close(fd)
+        self.v.ack("append", old + data)
+
+    def truncate(self) -> None:
+        old = self.v.current("truncate")
+        assert old is not None
+        size = self.rng.randint(0, max(2 * len(old), 4096))
+        new = old[:size] + bytes(max(0, size - len(old)))
+        self.v.begin("truncate", new)
+        os.truncate(self.mnt / "truncate", size)  # truncate(path) commits at once
+        self.v.ack("truncate", new)
+
+    def linked(self) -> None:
+        """A file with two hard links: commits rewrite it in place under a redo record."""
+        path = self.rng.choice(self.LINKED)
+        if self.rng.random() < 0.5:
+            self.patch("linked", path)
+            return
+        new = self.data()
+        fd = os.open(self.mnt / path, os.O_WRONLY | os.O_TRUNC)
+        self.v.begin("linked", new)
+        try:
+            self._write_all(fd, new)
+        finally:
+            self._close(fd)
+        self.v.ack("linked", new)
+
+    def atomic_save(self) -> None:
+        """An application's own safe save: write a temporary name, rename it over."""
+        if self.v.current("saved.tmp") is not None:  # left by a crash
+            self.v.begin("saved.tmp", None)
+            os.unlink(self.mnt / "saved.tmp")
+            self.v.ack("saved.tmp", None)
+        new = self.data()
+        self.v.begin("saved.tmp", b"")
+        self.v.begin("saved.tmp", new)
+        fd = os.open(self.mnt / "saved.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self._write_all(fd, new)
+        finally:
+            self._close(fd)
+        self.v.ack("saved.tmp", new)
+        self.v.begin("saved", new)
+        self.v.begin("saved.tmp", None)
+        os.rename(self.mnt / "saved.tmp", self.mnt / "saved")
+        self.v.ack("saved", new)
+        self.v.ack("saved.tmp", None)
+
+    def synced(self) -> None:
+        """Two commit points: fsync in the middle, close at the end."""
+        first, second = self.data(), self.data()
+        fd = os.open(self.mnt / "synced", os.O_WRONLY | os.O_TRUNC)
+        try:
+            self.v.begin("synced", first)
+            self._write_all(fd, first)
+            os.fsync(fd)
+            self.v.ack("synced", first)
+            self.v.begin("synced", first + second)
+            self._write_all(fd, second)
+        finally:
+            self._close(fd)
+        self.v.ack("synced", first + second)
+
+    def create(self) -> None:
+        if self.created >= 12:
+            return
+        name = f"new-{self.created}"
+        self.created += 1
+        new = self.data()
+        self.v.begin(name, b"")  # create() makes the (empty) backing file at once
+        self.v.begin(name, new)
+        fd = os.open(self.mnt / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            self._write_all(fd, new)
+        finally:
+            self._close(fd)
+        self.v.ack(name, new)
+
+    def remove(self) -> None:
+        present = sorted(n for n in self.v.names() if n.startswith("new-") and self.v.current(n))
+        if not present:
+            return
+        name = self.rng.choice(present)
+        self.v.begin(name, None)
+        os.unlink(self.mnt / name)
+        self.v.ack(name, None)
+
+
+def read_view(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def check_view(m: Mount, v: Versions, context: str) -> dict[str, int]:
+    """Every name holds one of its allowed versions; settle the model on what it holds."""
+    outcome = {"previous": 0, "newer": 0}
+    for name in sorted(v.names()):
+        actual = read_view(m.mnt / name)
+        allowed = v.allowed(name)
+        assert actual in allowed, (
+            f"{context}: {name} holds {digest(actual)}, "
+            f"allowed {[digest(a) for a in allowed]} (last acknowledged first)"
+        )
+        outcome["previous" if actual == allowed[0] else "newer"] += 1
+        v.ack(name, actual)
+    assert read_view(m.mnt / "linked.2") == v.current("linked"), context
+    st1, st2 = os.stat(m.mnt / "linked"), os.stat(m.mnt / "linked.2")
+    assert st1.st_ino == st2.st_ino and st1.st_nlink == 2, context
+    expected = {n for n in v.names() if v.current(n) is not None} | {"linked.2"}
+    assert set(os.listdir(m.mnt)) == expected, context
+    hidden = [n for n in os.listdir(m.source) if n.startswith(".stormfs") and n != ".stormfs"]
+    assert not hidden, f"{context}: temporary files left in SOURCE: {hidden}"
+    return outcome
+
+
+def crash_loop(mount_factory: MountFactory, tmp_path: Path, rounds: int) -> dict[str, int]:
+    """kill -9 the daemon `rounds` times at random moments while a writer commits;
+    after each remount every file is one of its committed versions, nothing else."""
+    seed = int(os.environ.get("STORMFS_CRASH_SEED", random.randrange(1 << 32)))
+    print(f"crash seed {seed} (rerun with STORMFS_CRASH_SEED={seed})")
+    rng = random.Random(seed)
+    source, mnt = tmp_path / "src", tmp_path / "mnt"
+    v = Versions()
+    m = mount_factory(source, mnt)
+    for name in ("rewrite", "patch", "append", "truncate", "linked", "saved", "synced"):
+        data = rng.randbytes(rng.choice(SIZES))
+        (m.mnt / name).write_bytes(data)
+        v.ack(name, data)
+    os.link(m.mnt / "linked", m.mnt / "linked.2")
+    figures = {"kills": 0, "temps": 0, "redo": 0, "previous": 0, "newer": 0, "ops": 0}
+    for round_ in range(rounds):
+        context = f"seed {seed} round {round_}"
+        writer = Writer(m.mnt, v, random.Random(rng.randrange(1 << 32)))
+        writer.start()
+        time.sleep(rng.uniform(0.0, 0.3))
+        writer.killed.set()
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(10)
+        writer.join(30)
+        assert not writer.is_alive(), f"{context}: writer stuck on a dead mount"
+        assert writer.error is None, f"{context}: writer failed before the kill: {writer.error!r}"
+        m.stop()  # clears the dead mount; the daemon is gone already
+        figures["kills"] += 1
+        figures["ops"] += writer.ops
+        for inst in (source / ".stormfs" / "tmp").iterdir():
+            names = os.listdir(inst)
+            figures["temps"] += sum(n.startswith("t-") for n in names)
+            figures["redo"] += sum(n.startswith("redo-") for n in names)
+        m = mount_factory(source, mnt)
+        live = m.instance_dirs()
+        assert len(live) == 1 and f".{m.pid}." in live[0], f"{context}: leftovers {live}"
+        outcome = check_view(m, v, context)
+        figures["previous"] += outcome["previous"]
+        figures["newer"] += outcome["newer"]
+    print("crash figures:", json.dumps(figures))
+    return figures
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_during_writes_leaves_every_file_whole(mount_factory: MountFactory, tmp_path):
+    figures = crash_loop(mount_factory, tmp_path, CRASH_ROUNDS)
+    assert figures["kills"] == CRASH_ROUNDS
+    # Some kills did land inside commits: temporaries were left for recovery to clean.
+    assert figures["temps"] > 0
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(3600)
+def test_kill_9_many_times(mount_factory: MountFactory, tmp_path):
+    rounds = int(os.environ.get("STORMFS_STRESS_CRASH_ROUNDS", "500"))
+    figures = crash_loop(mount_factory, tmp_path, rounds)
+    assert figures["temps"] > 0 and figures["redo"] > 0
+
+
+def _dead_instance(source: Path, name: str = "deadhost.1.0000dead") -> Path:
+    inst = source / ".stormfs" / "tmp" / name
+    inst.mkdir(parents=True)
+    (inst / "lock").write_bytes(b"")
+    return inst
+
+
+def test_recovery_replays_a_complete_redo_record(mount_factory: MountFactory, tmp_path, key):
+    """A daemon died in the middle of rewriting a hard-linked file in place: the next
+    mount finishes the copy from the synced temporary, then removes the leftovers."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a").write_bytes(storm_cloud_envelope(key, b"old content " * 1000))
+    os.link(source / "a", source / "b")
+    new = storm_cloud_envelope(key, b"new")
+    inst = _dead_instance(source)
+    (inst / "t-1-abc").write_bytes(new)
+    half = new[:10] + (source / "a").read_bytes()[10:]  # the overwrite was under way
+    (source / "a").write_bytes(half)
+    st = (source / "a").stat()
+    record = {"target": str(source / "a"), "temp": "t-1-abc", "dev": st.st_dev, "ino": st.st_ino}
+    (inst / "redo-t-1-abc").write_text(json.dumps(record))
+    m = mount_factory(source)
+    assert (m.mnt / "a").read_bytes() == b"new"
+    assert (m.mnt / "b").read_bytes() == b"new"
+    assert m.instance_dirs() == [n for n in m.instance_dirs() if f".{m.pid}." in n]
+    assert "finished an interrupted rewrite of a" in m.logtext()
+
+
+@pytest.mark.parametrize("record", [b"", b'{"target": "/x", "te'])
+def test_recovery_survives_a_torn_redo_record(
+    mount_factory: MountFactory, tmp_path, key, record: bytes
+):
+    """Killed while writing the redo record itself: the in-place copy had not started,
+    so the file is untouched; the mount must come up and drop the record."""
+    source = tmp_path / "src"
+    source.mkdir()
+    old = storm_cloud_envelope(key, b"intact")
+    (source / "a").write_bytes(old)
+    os.link(source / "a", source / "b")
+    inst = _dead_instance(source)
+    (inst / "t-1-abc").write_bytes(storm_cloud_envelope(key, b"never published"))
+    (inst / "redo-t-1-abc").write_bytes(record)
+    m = mount_factory(source)
+    assert (m.mnt / "a").read_bytes() == b"intact"
+    assert (m.mnt / "b").read_bytes() == b"intact"
+    assert len(m.instance_dirs()) == 1
+
+
+def test_recovery_leaves_a_live_daemons_instance_alone(mount_factory: MountFactory, tmp_path):
+    """Two daemons on one SOURCE: the second start must not clean the first one's files."""
+    source = tmp_path / "src"
+    a = mount_factory(source)
+    fd = os.open(a.mnt / "open", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 100_000, 0)
+        os.pwrite(fd, b"y" * 10, 50_000)  # scratch blocks and a temporary in a's instance
+        b = mount_factory(source)
+        assert len(b.instance_dirs()) == 2
+        os.pwrite(fd, b"z", 0)
+    finally:
+        os.close(fd)
+    expected = b"z" + b"x" * 49_999 + b"y" * 10 + b"x" * 49_990
+    assert (a.mnt / "open").read_bytes() == expected
+    wait_for(lambda: (b.mnt / "open").stat().st_size == len(expected))
+    assert (b.mnt / "open").read_bytes() == expected
+
+
+# ---- full disk ---------------------------------------------------------------
+
+
+def _free(path: Path) -> int:
+    sv = os.statvfs(path)
+    return sv.f_bavail * sv.f_frsize
+
+
+def _fill(path: Path, leave: int) -> None:
+    """Fill the filesystem under `path` until about `leave` bytes are free."""
+    with open(path / "filler", "ab") as f:
+        f.write(bytes(max(0, _free(path) - leave)))
+
+
+def _expect_enospc(action) -> None:
+    with pytest.raises(OSError) as e:
+        action()
+    assert e.value.errno == errno.ENOSPC, e.value
+
+
+def test_full_disk_gives_enospc_and_keeps_previous_versions(tmpfs, mount_factory):
+    source = tmpfs("16m")
+    m = mount_factory(source)
+    keep = os.urandom(3 << 20)
+    small = b"small file, previous version"
+    (m.mnt / "keep").write_bytes(keep)
+    (m.mnt / "small").write_bytes(small)
+    _fill(source, 256 << 10)
+
+    def intact() -> None:
+        assert (m.mnt / "keep").read_bytes() == keep
+        assert (m.mnt / "small").read_bytes() == small
+        assert m.decrypt("keep") == keep
+        assert m.decrypt("small") == small
+        (inst,) = (source / ".stormfs" / "tmp").iterdir()
+        wait_for(lambda: os.listdir(inst) == ["lock"])  # the failed commit's temporary is gone
+
+    # write(): a new file streams into a temporary that cannot grow
+    def write_big() -> None:
+        with open(m.mnt / "big", "wb") as f:
+            f.write(os.urandom(4 << 20))
+
+    _expect_enospc(write_big)
+    os.unlink(m.mnt / "big")
+    intact()
+
+    # write(): a write within the first 64 MiB streams, copying what lies before it now
+    def patch_far() -> None:
+        fd = os.open(m.mnt / "keep", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"changed", 2 << 20)
+        finally:
+            os.close(fd)
+
+    _expect_enospc(patch_far)
+    intact()
+
+    # close(): a write behind the streamed end goes to scratch blocks and fits; the
+    # commit (a whole new envelope) does not
+    def patch_then_close() -> None:
+        fd = os.open(m.mnt / "keep", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"c", 0)
+            os.pwrite(fd, b"changed", 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+    _expect_enospc(patch_then_close)
+    intact()
+
+    # fsync(): same, reported by fsync; the handle stays usable
+    fd = os.open(m.mnt / "keep", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"c", 0)
+        os.pwrite(fd, b"changed", 0)
+        _expect_enospc(lambda: os.fsync(fd))
+        assert os.pread(fd, 7, 0) == b"changed"  # still pending, not lost yet
+    finally:
+        _expect_enospc(lambda: os.close(fd))
+    intact()
+
+    # an O_TRUNC rewrite of a small file that would fit is refused no more than needed
+    (m.mnt / "small").write_bytes(b"rewritten")
+    small = b"rewritten"
+    intact()
+
+    # space comes back: everything works again
+    os.unlink(source / "filler")
+    (m.mnt / "big").write_bytes(b"B" * (4 << 20))
+    fd = os.open(m.mnt / "keep", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"c", 0)
+        os.pwrite(fd, b"changed", 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    keep = b"changed" + keep[7:]
+    intact()
+    assert (m.mnt / "big").read_bytes() == b"B" * (4 << 20)
+    assert m.proc.poll() is None
+
+
+# ---- backing errors ----------------------------------------------------------
+
+
+def _errno_of(action, timeout: float = 15.0) -> int:
+    """The errno `action` fails with (0: no error).  Run in a thread: a request the daemon
+    never answers fails the test instead of hanging the suite."""
+    out: list[int] = []
+
+    def run() -> None:
+        try:
+            action()
+            out.append(0)
+        except OSError as e:
+            out.append(e.errno)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"no answer within {timeout}s: the daemon hangs"
+    return out[0]
+
+
+def _still_serves(m: Mount) -> None:
+    (m.mnt / "canary").write_bytes(b"alive")
+    assert (m.mnt / "canary").read_bytes() == b"alive"
+    assert m.proc.poll() is None
+
+
+def test_backing_file_replaced_behind_the_mount(mount_factory: MountFactory):
+    """Backing files removed, or replaced by a directory, a FIFO or a symlink, while the
+    kernel still caches them as regular files: each open gets the truth (a clear errno,
+    or the new object), never a hang, and the daemon keeps serving."""
+    m = mount_factory(args=("-o", "attr_timeout=0,entry_timeout=30"))
+    for name in ("gone", "dir", "fifo", "link", "open", "retyped"):
+        (m.mnt / name).write_bytes(b"content of " + name.encode())
+        os.stat(m.mnt / name)  # the kernel now caches the entry
+    held = os.open(m.mnt / "open", os.O_RDONLY)
+    try:
+        for name in ("gone", "dir", "fifo", "link", "open"):
+            os.unlink(m.source / name)
+        os.mkdir(m.source / "dir")
+        os.mkfifo(m.source / "fifo")
+        os.symlink("nowhere", m.source / "link")
+        os.mkfifo(m.source / "open")
+
+        assert _errno_of(lambda: (m.mnt / "gone").read_bytes()) == errno.ENOENT
+        assert _errno_of(lambda: (m.mnt / "gone").write_bytes(b"x")) == errno.ENOENT
+        assert _errno_of(lambda: (m.mnt / "dir").read_bytes()) == errno.EISDIR
+        assert _errno_of(lambda: (m.mnt / "dir").write_bytes(b"x")) == errno.EISDIR
+        assert _errno_of(lambda: (m.mnt / "link").read_bytes()) == errno.ENOENT
+
+        def open_fifo() -> None:
+            fd = os.open(m.mnt / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+            finally:
+                os.close(fd)
+
+        assert _errno_of(open_fifo) == 0
+        assert stat.S_ISDIR(os.stat(m.mnt / "dir").st_mode)
+        # stat of a name whose cached inode changed type: the new type, not EIO
+        os.unlink(m.source / "retyped")
+        os.mkdir(m.source / "retyped")
+        assert stat.S_ISDIR(os.stat(m.mnt / "retyped").st_mode)
+        _still_serves(m)
+        # a handle opened before the change keeps reading the version it opened
+        assert os.pread(held, 100, 0) == b"content of open"
+    finally:
+        os.close(held)
+    _still_serves(m)
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    subprocess.run(["chattr", flag, *map(str, paths)], check=True, timeout=30)
+
+
+def test_immutable_backing_file_and_directory(mount_factory: MountFactory):
+    """Backing objects made immutable (chattr +i: refused even to root): commits fail
+    with EPERM through close(), the committed version stays readable, nothing is left
+    behind, and once the flag is gone writes work again."""
+    m = mount_factory()
+    (m.mnt / "d").mkdir()
+    (m.mnt / "f").write_bytes(b"before")
+    _chattr("+i", m.source / "f", m.source / "d")
+    try:
+        assert _errno_of(lambda: (m.mnt / "f").write_bytes(b"after")) == errno.EPERM
+        assert (m.mnt / "f").read_bytes() == b"before"
+        assert _errno_of(lambda: (m.mnt / "d" / "new").write_bytes(b"x")) == errno.EPERM
+        (inst,) = m.instance_dirs()
+        wait_for(lambda: os.listdir(m.source / ".stormfs" / "tmp" / inst) == ["lock"])
+        _still_serves(m)
+    finally:
+        _chattr("-i", m.source / "f", m.source / "d")
+    (m.mnt / "f").write_bytes(b"after")
+    (m.mnt / "d" / "new").write_bytes(b"x")
+    assert m.decrypt("f") == b"after"
+    assert m.decrypt("d/new") == b"x"
+
+
+def test_backing_inode_number_reused_behind_the_mount(mount_factory: MountFactory):
+    """A file removed behind the mount while the kernel still knows it; the next file
+    created there gets its inode number.  The new file reads as itself, the old name is
+    gone.  (Retries until the backing file system does reuse the number.)"""
+    m = mount_factory(args=("-o", "attr_timeout=0,entry_timeout=30"))
+    for attempt in range(50):
+        old, new = m.source / f"old{attempt}", m.source / f"new{attempt}"
+        old.write_bytes(b"old")
+        os.stat(m.mnt / old.name)  # the kernel keeps the node (no handle open)
+        ino = old.stat().st_ino
+        old.unlink()
+        new.write_bytes(b"new file")
+        if new.stat().st_ino != ino:
+            continue
+        assert (m.mnt / new.name).read_bytes() == b"new file"
+        assert _errno_of(lambda o=old: (m.mnt / o.name).read_bytes()) == errno.ENOENT
+        _still_serves(m)
+        return
+    pytest.skip("the backing file system never reused an inode number")
+
+
+# ---- tampering -------------------------------------------------------------
+# Bit flips, truncation, a header-only file, an envelope under another key and a
+# plaintext that starts with 0x01: tests/test_view.py::
+# test_decryption_failed_answers_eio_and_never_touches_file.  Tampering while a file is
+# open: tests/test_view.py::test_tamper_while_open_is_detected.  What follows is what
+# the v1 format cannot see.
+
+
+def test_v1_cannot_detect_copy_rollback_or_swap(mount_factory: MountFactory):
+    """An envelope copied over another name, a whole-file rollback to an older envelope,
+    and two names swapped all read back as valid content: v1 authenticates each file's
+    bytes alone (no associated data), not its name or its age."""
+    m = mount_factory()
+    (m.mnt / "salary.txt").write_bytes(b"alice: 100")
+    (m.mnt / "notes.txt").write_bytes(b"harmless notes")
+    (m.mnt / "balance").write_bytes(b"balance: 10")
+    old_envelope = (m.source / "balance").read_bytes()
+    (m.mnt / "balance").write_bytes(b"balance: 5000")
+    (m.mnt / "a").write_bytes(b"content of a")
+    (m.mnt / "b").write_bytes(b"content of b")
+    m.stop()
+    (m.source / "notes.txt").write_bytes((m.source / "salary.txt").read_bytes())
+    (m.source / "balance").write_bytes(old_envelope)
+    os.rename(m.source / "a", m.source / "tmp")
+    os.rename(m.source / "b", m.source / "a")
+    os.rename(m.source / "tmp", m.source / "b")
+    m = mount_factory(m.source)
+    assert (m.mnt / "notes.txt").read_bytes() == b"alice: 100"
+    assert (m.mnt / "balance").read_bytes() == b"balance: 10"
+    assert (m.mnt / "a").read_bytes() == b"content of b"
+    assert (m.mnt / "b").read_bytes() == b"content of a"
+    assert "DECRYPTION_FAILED" not in m.logtext()
+
+
+def test_mixed_mode_serves_plaintext_placed_in_source(mounted: Mount):
+    """Anyone who can write SOURCE can plant a plaintext file: mixed mode serves it,
+    marked `encryption_method=none` (what `stormfs audit` lists as needs_encryption)."""
+    (mounted.source / "planted.txt").write_bytes(b"not from us")
+    assert (mounted.mnt / "planted.txt").read_bytes() == b"not from us"
+    assert os.getxattr(mounted.mnt / "planted.txt", "user.stormfs.encryption_method") == b"none"
+
+
+@pytest.mark.parametrize("where", ["nonce", "body", "tag", "truncate", "extend"])
+def test_tampered_envelope_is_named_in_log_once_per_version(mount_factory, tmp_path, key, where):
+    """Each kind of damage: EIO on every read, one DECRYPTION_FAILED line naming the file
+    (the verdict is remembered, not recomputed per read), the file itself never modified."""
+    source = tmp_path / "src"
+    (source / "dir").mkdir(parents=True)
+    env = bytearray(storm_cloud_envelope(key, os.urandom(200_000)))
+    if where == "nonce":
+        env[5] ^= 0x80
+    elif where == "body":
+        env[fmt.HEADER_SIZE + 123_456] ^= 1
+    elif where == "tag":
+        env[-1] ^= 1
+    elif where == "truncate":
+        del env[-1000:]
+    else:
+        env += b"\0"
+    (source / "dir" / "doc.bin").write_bytes(env)
+    m = mount_factory(source)
+    for _ in range(3):
+        assert _errno_of(lambda: (m.mnt / "dir" / "doc.bin").read_bytes()) == errno.EIO
+    assert _errno_of(lambda: os.open(m.mnt / "dir" / "doc.bin", os.O_RDONLY)) == errno.EIO
+    _still_serves(m)
+    m.stop()
+    assert m.logtext().count("DECRYPTION_FAILED: dir/doc.bin") == 1
+    assert (source / "dir" / "doc.bin").read_bytes() == env
+    assert key not in m.logtext()
+    assert keys.parse_key(key) not in m.log.read_bytes()
