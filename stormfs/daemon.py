@@ -112,6 +112,8 @@ def serve(
     ready: Callable[[], None],
 ) -> None:
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
+    # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
+    os.umask(0)
     store = Store(source, keyring.current if keyring else None)
     try:
         ops = Operations(store, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
