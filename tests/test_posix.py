@@ -301,3 +301,20 @@ def test_mknod_fifo(mounted: Mount):
     os.mkfifo(mounted.mnt / "fifo")
     assert stat.S_ISFIFO(os.lstat(mounted.mnt / "fifo").st_mode)
     assert stat.S_ISFIFO(os.lstat(mounted.source / "fifo").st_mode)
+
+
+def test_modes_follow_the_callers_umask(mounted: Mount):
+    """The caller's umask is applied once, by the kernel: not again by the daemon's own."""
+    old = os.umask(0)
+    try:
+        fd = os.open(mounted.mnt / "f", os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+        os.mkdir(mounted.mnt / "d", 0o777)
+        os.mkfifo(mounted.mnt / "p", 0o666)
+        os.umask(0o027)
+        os.close(os.open(mounted.mnt / "g", os.O_CREAT | os.O_WRONLY, 0o666))
+    finally:
+        os.umask(old)
+    modes = {n: stat.S_IMODE(os.lstat(mounted.mnt / n).st_mode) for n in ("f", "d", "p", "g")}
+    assert modes == {"f": 0o666, "d": 0o777, "p": 0o666, "g": 0o640}
+    assert stat.S_IMODE((mounted.source / "f").stat().st_mode) == 0o666
