@@ -285,10 +285,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         async with node.lock:
-            path = self.table.path(node)
+            target = self._target(node)
             if fields.update_size:
                 if node.reader is None:
-                    node.reader = await self._run(self._fresh_reader, node, path)
+                    assert isinstance(target, bytes)  # a node without a name is open
+                    node.reader = await self._run(self._fresh_reader, node, target)
                     opened_here = True
                 else:
                     opened_here = False
@@ -299,31 +300,42 @@ class Operations(pyfuse3.Operations):
                     await self._commit(node, durable=False)
                 if opened_here and node.opens == 0:
                     await self._close_reader(node)
-            await self._run(self._set_metadata, node, path, attr, fields)
+            await self._run(self._set_metadata, node, target, attr, fields)
         return await self._entry(node)
 
+    def _target(self, node: Node) -> bytes | int:
+        """The node's backing path or, once its last name is gone, the file it holds open."""
+        try:
+            return self.table.path(node)
+        except OSError:
+            fd = getattr(node.reader, "fd", None)
+            if fd is None:
+                raise
+            return fd
+
     def _set_metadata(
-        self, node: Node, path: bytes, attr: pyfuse3.EntryAttributes, fields: Any
+        self, node: Node, target: bytes | int, attr: pyfuse3.EntryAttributes, fields: Any
     ) -> None:
+        follow = isinstance(target, int)  # a descriptor: the call must not ask about links
         changed = False
         if fields.update_mode and not stat.S_ISLNK(node.mode):
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
+            os.chmod(target, stat.S_IMODE(attr.st_mode))
             changed = True
         if fields.update_uid or fields.update_gid:
             os.chown(
-                path,
+                target,
                 attr.st_uid if fields.update_uid else -1,
                 attr.st_gid if fields.update_gid else -1,
-                follow_symlinks=False,
+                follow_symlinks=follow,
             )
             changed = True
         if fields.update_atime or fields.update_mtime:
-            st = os.lstat(path)
+            st = os.stat(target, follow_symlinks=follow)
             times = (
                 attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
             )
-            os.utime(path, ns=times, follow_symlinks=False)
+            os.utime(target, ns=times, follow_symlinks=follow)
             if node.working is not None:
                 node.times = times
             changed = True
@@ -575,8 +587,8 @@ class Operations(pyfuse3.Operations):
         async with node.lock:
             if node.working is not None:
                 await self._commit(node, durable=True)
-            else:
-                await self._run(_sync_parent, self.table.path(node))
+            elif isinstance(target := self._target(node), bytes):
+                await self._run(_sync_parent, target)
 
     @_boundary
     async def release(self, fh: int) -> None:
