@@ -318,3 +318,25 @@ def test_modes_follow_the_callers_umask(mounted: Mount):
     modes = {n: stat.S_IMODE(os.lstat(mounted.mnt / n).st_mode) for n in ("f", "d", "p", "g")}
     assert modes == {"f": 0o666, "d": 0o777, "p": 0o666, "g": 0o640}
     assert stat.S_IMODE((mounted.source / "f").stat().st_mode) == 0o666
+
+
+def test_unlinked_open_file_keeps_working(mounted: Mount):
+    """What tempfile.TemporaryFile does without O_TMPFILE: create, unlink, then use the
+    descriptor: write, ftruncate, fchmod, futimens, fsync."""
+    fd = os.open(mounted.mnt / "t", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.unlink(mounted.mnt / "t")
+        os.write(fd, b"0123456789" * 10)
+        os.fsync(fd)
+        os.ftruncate(fd, 20)
+        assert os.pread(fd, 100, 0) == b"01234567890123456789"
+        os.ftruncate(fd, 30)
+        assert os.fstat(fd).st_size == 30
+        os.fchmod(fd, 0o640)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        st = os.fstat(fd)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 2_000_000_000
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert os.listdir(mounted.mnt) == []
