@@ -135,24 +135,35 @@ class EnvelopeReader:
         if known is None:
             raise fmt.DecryptionFailed(self.name)
         if known is False:
-            pos = [0]
-
-            def read(n: int) -> bytes:
-                data = os.pread(self.fd, n, pos[0])
-                pos[0] += len(data)
-                return data
-
-            try:
-                known = fmt.verify_stream(self.key, read, self.ident.size)
-            except fmt.DecryptionFailed:
-                self.verdicts.put(self.ident, None)
-                log.error("DECRYPTION_FAILED: %s", self.name)
-                raise fmt.DecryptionFailed(self.name) from None
-            if Identity.of(os.fstat(self.fd)) != self.ident:
-                raise OSError(errno.EIO, "backing file changed while it was verified")
+            for _ in range(3):
+                known = self._verify_once()
+                now = Identity.of(os.fstat(self.fd))
+                if now == self.ident:
+                    break
+                # Changed while it was read: verify again.  (A rename over the file, as
+                # another daemon's commit does, moves its ctime but not its bytes.)
+                self.ident = now
+                self.size = fmt.plaintext_size(now.size, fmt.Kind.ENCRYPTED)
+            else:
+                raise OSError(errno.EIO, "backing file keeps changing while it is verified")
             self.verdicts.put(self.ident, known)
         self.nonce = known
         return known
+
+    def _verify_once(self) -> bytes:
+        pos = [0]
+
+        def read(n: int) -> bytes:
+            data = os.pread(self.fd, n, pos[0])
+            pos[0] += len(data)
+            return data
+
+        try:
+            return fmt.verify_stream(self.key, read, self.ident.size)
+        except fmt.DecryptionFailed:
+            self.verdicts.put(self.ident, None)
+            log.error("DECRYPTION_FAILED: %s", self.name)
+            raise fmt.DecryptionFailed(self.name) from None
 
     def read(self, offset: int, n: int) -> bytes:
         # Bytes read from a file that changed after it was verified are not
