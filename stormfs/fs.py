@@ -161,13 +161,18 @@ class Operations(pyfuse3.Operations):
             st = os.fstat(node.reader.fd)  # unlinked but open
             return st, node.reader.size
         st, size, _ = self.store.stat(path)
-        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
-            # The name was given to another kind of object behind the mount.  An open
-            # file is still what its handles read; otherwise ESTALE makes the kernel look
-            # the name up again (a changed type would poison its cached inode with EIO).
-            if node.reader is None or not hasattr(node.reader, "fd"):
-                raise OSError(errno.ESTALE, "replaced by another kind of file")
-            return os.fstat(node.reader.fd), node.reader.size
+        fd = getattr(node.reader, "fd", None)
+        if fd is not None:
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+                # The name was given to another file behind the mount.  This node's handles
+                # still read the file they opened (the next lookup of the name gets a node
+                # of its own): its size is the one their reads must stop at.
+                return held, node.reader.size  # type: ignore[union-attr]
+        elif stat.S_IFMT(st.st_mode) != stat.S_IFMT(node.mode):
+            # Another kind of object now: ESTALE makes the kernel look the name up again
+            # (a changed type would poison its cached inode with EIO).
+            raise OSError(errno.ESTALE, "replaced by another kind of file")
         return st, size
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -191,6 +196,11 @@ class Operations(pyfuse3.Operations):
                 now, held = os.lstat(path), os.fstat(fd)
                 if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
                     return reader
+                # Replaced behind the mount while handles read the old file through this
+                # node (and its page cache).  Switching would mix the versions under them:
+                # ESTALE makes the kernel look the name up and open the new file as a
+                # node of its own.
+                raise OSError(errno.ESTALE, "replaced behind the mount while open")
             reader.close()
             node.reader = None
         return self.store.open_reader(path)
