@@ -546,9 +546,18 @@ class Operations(pyfuse3.Operations):
                 path = self.table.path(node)
                 node.reader = await self._run(self._fresh_reader, node, path)
                 st = await self._run(os.fstat, node.reader.fd)  # type: ignore[union-attr]
+                # The name may hold another file than the node last knew (replaced behind
+                # the mount): key the node by the file it serves now, so that the stale
+                # inode number, once reused by the backing file system, cannot bind to it.
+                self.table.rekey(node, st)
                 ident = Identity.of(st)
                 keep = ident == node.cached
                 node.cached = ident
+                if not keep:
+                    # The kernel may still hold the size of another version (within
+                    # attr_timeout): reads would stop there.  Make it ask again.
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_inode(node.inode, attr_only=True)
                 if isinstance(node.reader, EnvelopeReader) and not flags & os.O_TRUNC:
                     # A damaged file fails at open, even one whose plaintext is empty.
                     await self._run(node.reader.verify)
