@@ -18,11 +18,18 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import settings
 
 from stormfs import keys
 
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
+
+# No per-example deadline: a loaded machine must not turn slowness into failures.
+# `make stress` selects the "stress" profile (--hypothesis-profile=stress).
+settings.register_profile("default", deadline=None)
+settings.register_profile("stress", deadline=None, max_examples=5000)
+settings.load_profile("default")
 
 
 def stormfs_cmd(*args: str) -> list[str]:

@@ -140,3 +140,119 @@ def test_decrypt_range_at_any_offset(offset):
 def test_open_envelope_only_defined_errors(blob):
     with contextlib.suppress(fmt.DecryptionFailed):
         fmt.open_envelope(KEY, blob)
+
+
+# ---- fuzzing: random, truncated and mutated inputs give only defined answers ----------
+# `make stress` runs these with the "stress" hypothesis profile (many more examples).
+
+_ENV_DATA = st.binary(max_size=3000)
+
+
+@st.composite
+def mutated_envelopes(draw):
+    """A valid envelope and a damaged copy: flipped bits, cut, extended, spliced.
+
+    Returns (data, envelope, damaged, the valid envelopes the damage may reproduce)."""
+    data = draw(_ENV_DATA)
+    env = fmt.seal(KEY, data, draw(st.binary(min_size=12, max_size=12)))
+    valid = {env}
+    how = draw(st.sampled_from(["flip", "cut", "extend", "splice", "overwrite"]))
+    bad = bytearray(env)
+    if how == "flip":
+        for pos in draw(st.lists(st.integers(0, len(env) - 1), min_size=1, max_size=8)):
+            bad[pos] ^= 1 << draw(st.integers(0, 7))
+    elif how == "cut":
+        del bad[draw(st.integers(0, len(env) - 1)) :]
+    elif how == "extend":
+        bad += draw(st.binary(min_size=1, max_size=64))
+    elif how == "splice":
+        other = fmt.seal(KEY, draw(_ENV_DATA))
+        valid.add(other)
+        cut = draw(st.integers(1, min(len(env), len(other)) - 1))
+        bad = bytearray(env[:cut] + other[cut:])
+    else:
+        pos = draw(st.integers(0, len(env) - 1))
+        chunk = draw(st.binary(min_size=1, max_size=32))
+        bad[pos : pos + len(chunk)] = chunk
+    return data, env, bytes(bad), valid
+
+
+def _chunked_reader(blob: bytes, sizes: list[int]):
+    """A read(n) that returns short chunks, as a pipe or a network file system may."""
+    pos = [0]
+    it = iter(sizes)
+
+    def read(n: int) -> bytes:
+        k = min(n, next(it, n))
+        out = blob[pos[0] : pos[0] + k]
+        pos[0] += len(out)
+        return out
+
+    return read
+
+
+@given(st.binary(max_size=100))
+def test_classify_follows_the_mixed_mode_rule(blob):
+    kind = fmt.classify(len(blob), blob[:1])
+    expected = len(blob) >= 29 and blob[:1] == b"\x01"
+    assert kind is (fmt.Kind.ENCRYPTED if expected else fmt.Kind.PLAINTEXT)
+    assert fmt.plaintext_size(len(blob), kind) == len(blob) - (29 if expected else 0)
+    assert fmt.plaintext_size(len(blob), kind) >= 0
+
+
+@given(mutated_envelopes())
+def test_mutated_envelopes_fail_authentication(case):
+    data, env, bad, valid = case
+    assert fmt.open_envelope(KEY, env) == data
+    if bad in valid:  # a splice that happens to rebuild one of the originals
+        return
+    with pytest.raises(fmt.DecryptionFailed):
+        fmt.open_envelope(KEY, bad)
+    with pytest.raises(fmt.DecryptionFailed):
+        fmt.verify_file(KEY, io.BytesIO(bad), len(bad))
+    out = io.BytesIO()
+    with pytest.raises(fmt.DecryptionFailed):
+        fmt.open_stream(KEY, io.BytesIO(bad), out, len(bad))
+    assert out.getvalue() == b""
+
+
+@given(
+    st.one_of(st.binary(max_size=500), mutated_envelopes().map(lambda c: c[2])),
+    st.integers(-40, 600),
+    st.lists(st.integers(0, 70), max_size=40),
+)
+def test_verify_stream_any_input_any_declared_size(blob, declared, chunks):
+    """Any bytes, a declared size that may be wrong, reads that come back short or empty:
+    verify_stream answers a nonce or DecryptionFailed, nothing else."""
+    size = max(0, declared)
+    try:
+        nonce = fmt.verify_stream(KEY, _chunked_reader(blob, chunks), size)
+    except fmt.DecryptionFailed:
+        return
+    assert len(nonce) == 12 and size >= 29
+
+
+@given(_ENV_DATA, st.lists(st.integers(1, 4000), max_size=30))
+def test_verify_stream_accepts_valid_envelopes_read_in_any_chunks(data, chunks):
+    env = fmt.seal(KEY, data)
+    read = _chunked_reader(env, [c for c in chunks if c])
+    assert fmt.verify_stream(KEY, read, len(env)) == env[1:13]
+
+
+@given(_ENV_DATA, st.data())
+def test_decrypt_range_matches_any_slice(data, draw):
+    env = fmt.seal(KEY, data, NONCE)
+    body = env[fmt.HEADER_SIZE : -fmt.TAG_SIZE]
+    off = draw.draw(st.integers(0, len(data)))
+    n = draw.draw(st.integers(0, len(data) - off))
+    assert fmt.decrypt_range(KEY, NONCE, off, body[off : off + n]) == data[off : off + n]
+
+
+@given(_ENV_DATA, st.lists(st.integers(0, 700), max_size=20))
+def test_sealer_in_any_chunks_matches_seal(data, cuts):
+    s = fmt.Sealer(KEY, NONCE)
+    pieces, pos = [], 0
+    for c in [*cuts, len(data)]:
+        pieces.append(s.update(data[pos : pos + c]))
+        pos += c
+    assert s.header + b"".join(pieces) + s.finalize() == fmt.seal(KEY, data, NONCE)
