@@ -14,11 +14,13 @@ import mmap
 import os
 import random
 import secrets
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -385,3 +387,174 @@ def test_python_tracebacks_from_the_key_path_hold_no_key(tmp_path, key):
     assert done.returncode != 0
     assert b"no-such-keyfile" in done.stderr
     assert_no_key(done.stdout + done.stderr, key, "stderr")
+
+
+def test_key_in_the_environment_shows_in_proc_environ_a_key_file_does_not(
+    mount_factory: MountFactory, tmp_path, key
+):
+    """/proc/<pid>/environ is readable by root and the daemon's own user: a key given in
+    the environment is there for the daemon's lifetime; a key file keeps it out."""
+    by_env = mount_factory()
+    assert key.encode() in Path(f"/proc/{by_env.pid}/environ").read_bytes()
+    key_file = tmp_path / "keyfile"
+    key_file.write_text(key)
+    by_file = mount_factory(key=None, args=("--key-file", str(key_file)))
+    for where in ("environ", "cmdline"):
+        assert_no_key(Path(f"/proc/{by_file.pid}/{where}").read_bytes(), key, where)
+
+
+def test_root_can_read_the_key_from_daemon_memory(mounted):
+    """Not protected against: whoever can read the daemon's memory (root, ptrace) has the
+    key.  Shown here by finding the raw key in /proc/<pid>/mem."""
+    raw = mounted.raw_key
+    found = False
+    with open(f"/proc/{mounted.pid}/maps") as maps, open(f"/proc/{mounted.pid}/mem", "rb") as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in addr.split("-"))
+            try:
+                mem.seek(start)
+                if raw in mem.read(end - start):
+                    found = True
+                    break
+            except OSError:
+                continue
+    assert found
+
+
+# ---- what stays visible in SOURCE (documented, so that a change is noticed) -----------
+
+
+def test_names_sizes_times_owners_and_layout_are_visible_in_source(mounted):
+    d = mounted.mnt / "projects" / "merger-with-acme"
+    d.mkdir(parents=True)
+    (d / "term-sheet.pdf").write_bytes(b"x" * 12_345)
+    os.chmod(d / "term-sheet.pdf", 0o640)
+    os.chown(d / "term-sheet.pdf", 1234, 5678)
+    os.utime(d / "term-sheet.pdf", ns=(1_000_000_000, 2_000_000_000))
+    os.symlink("term-sheet.pdf", d / "latest")
+    backing = mounted.source / "projects" / "merger-with-acme" / "term-sheet.pdf"
+    st = backing.stat()
+    assert st.st_size == 12_345 + 29  # the plaintext size, exactly
+    assert st.st_mtime_ns == 2_000_000_000
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+    assert os.readlink(backing.parent / "latest") == "term-sheet.pdf"
+    assert os.getxattr(backing, "user.stormfs.key_id") == b"1"
+
+
+def _scratch_files(pid: int) -> list[str]:
+    out = []
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        link = _readlink(f"/proc/{pid}/fd/{n}")
+        if "/.stormfs/tmp/" in link and link.endswith("(deleted)"):
+            out.append(f"/proc/{pid}/fd/{n}")
+    return out
+
+
+def test_scratch_reveals_which_blocks_change_while_a_file_is_written(mounted):
+    """Scratch blocks are AES-XTS under a per-mount key, tweaked by block index: someone
+    who reads the disk twice while a file has pending random writes learns which 4 KiB
+    blocks changed, and that a block went back to an earlier content.  Not the data."""
+    f = mounted.mnt / "f"
+    f.write_bytes(os.urandom(1 << 20))
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"a", 0)
+        block_a, block_b = os.urandom(4096), os.urandom(4096)
+        os.pwrite(fd, block_a, 0)  # behind the streamed end: scratch from here on
+        (scratch,) = _scratch_files(mounted.pid)
+
+        def snapshot() -> list[bytes]:
+            data = Path(scratch).read_bytes()
+            return [data[i : i + 4096] for i in range(0, len(data), 4096)]
+
+        first = snapshot()
+        os.pwrite(fd, os.urandom(4096), 5 * 4096)
+        second = snapshot()
+        assert second[0] == first[0]
+        assert [i for i, b in enumerate(second) if b != bytes(4096)] == [0, 5]
+        os.pwrite(fd, block_b, 0)
+        assert snapshot()[0] != first[0]
+        os.pwrite(fd, block_a, 0)
+        assert snapshot()[0] == first[0]  # same block, same content: same ciphertext
+        assert block_a not in Path(scratch).read_bytes()
+    finally:
+        os.close(fd)
+
+
+def test_every_commit_uses_a_fresh_nonce(mounted):
+    nonces = set()
+    for _ in range(30):
+        (mounted.mnt / "same").write_bytes(b"the same content every time")
+        nonces.add((mounted.source / "same").read_bytes()[1:13])
+    assert len(nonces) == 30
+
+
+def test_state_directory_is_private(mounted):
+    state = mounted.source / ".stormfs"
+    (inst,) = mounted.instance_dirs()
+    for d in (state, state / "tmp", state / "tmp" / inst):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert stat.S_IMODE((state / "tmp" / inst / "lock").stat().st_mode) == 0o600
+
+
+# ---- another local user ---------------------------------------------------------------
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="stormfs-access-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess:
+    """A command as user nobody (system tools: the virtualenv lives under /root)."""
+    return subprocess.run(
+        list(cmd),
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        timeout=60,
+        cwd="/",
+    )
+
+
+def test_another_user_cannot_enter_the_view(mount_factory: MountFactory, public_dir: Path):
+    """A mount without allow_other answers only its own user (root here)."""
+    m = mount_factory(public_dir / "src", public_dir / "mnt")
+    (m.mnt / "f").write_bytes(b"secret")
+    os.chmod(m.mnt / "f", 0o644)
+    os.chmod(m.source, 0o755)
+    done = as_nobody("ls", str(m.mnt))
+    assert done.returncode != 0 and b"Permission denied" in done.stderr
+    done = as_nobody("ls", str(m.source / ".stormfs"))
+    assert done.returncode != 0 and b"Permission denied" in done.stderr
+    # what that user can read in SOURCE (mode 0644 passed through) is the envelope only
+    done = as_nobody("cat", str(m.source / "f"))
+    assert done.returncode == 0 and len(done.stdout) == 6 + 29 and b"secret" not in done.stdout
+
+
+def test_with_allow_other_file_modes_decide(mount_factory: MountFactory, public_dir: Path):
+    """allow_other: other users enter the view, and the kernel enforces file modes
+    (default_permissions is always on)."""
+    m = mount_factory(public_dir / "src", public_dir / "mnt", args=("-o", "allow_other"))
+    os.chmod(m.mnt, 0o755)
+    (m.mnt / "private").write_bytes(b"root only")
+    (m.mnt / "shared").write_bytes(b"for everyone")
+    os.chmod(m.mnt / "private", 0o600)
+    os.chmod(m.mnt / "shared", 0o644)
+    done = as_nobody("cat", str(m.mnt / "shared"))
+    assert done.returncode == 0 and done.stdout == b"for everyone"
+    done = as_nobody("cat", str(m.mnt / "private"))
+    assert done.returncode != 0 and b"Permission denied" in done.stderr
+    done = as_nobody("sh", "-c", f"echo x > {m.mnt / 'shared'}")
+    assert done.returncode != 0 and b"Permission denied" in done.stderr
+    assert (m.mnt / "shared").read_bytes() == b"for everyone"
