@@ -650,7 +650,7 @@ def test_v1_cannot_detect_copy_rollback_or_swap(mount_factory: MountFactory):
 
 def test_mixed_mode_serves_plaintext_placed_in_source(mounted: Mount):
     """Anyone who can write SOURCE can plant a plaintext file: mixed mode serves it,
-    marked `encryption_method=none` (what `stormfs audit` lists as needs_encryption)."""
+    marked `encryption_method=none`."""
     (mounted.source / "planted.txt").write_bytes(b"not from us")
     assert (mounted.mnt / "planted.txt").read_bytes() == b"not from us"
     assert os.getxattr(mounted.mnt / "planted.txt", "user.stormfs.encryption_method") == b"none"
