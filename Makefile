@@ -11,7 +11,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev attr fio rsync sql
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test lint format clean
+.PHONY: help install system-packages demo test stress lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ demo: install ## mount a demo storage directory, write and read through it, show
 
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q
+
+stress: install ## long runs: 500 kill -9, fsx, fio, CPython's file tests on a mount, fuzzing
+	$(PY) -m pytest -q -s -m stress
+	$(PY) -m pytest -q tests/test_format.py --hypothesis-profile=stress
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
