@@ -146,7 +146,8 @@ class Operations(pyfuse3.Operations):
         if node.working is not None:
             e.st_size = node.working.size
             e.st_blocks = (node.working.size + 511) // 512
-            e.st_mtime_ns = e.st_ctime_ns = max(node.mtime_ns, st.st_ctime_ns)
+            e.st_mtime_ns = node.mtime_ns
+            e.st_ctime_ns = max(node.mtime_ns, st.st_ctime_ns)
         if node.times is not None:
             e.st_atime_ns, e.st_mtime_ns = node.times
         return e
@@ -197,7 +198,9 @@ class Operations(pyfuse3.Operations):
             path = self.table.path(node)
         except OSError:
             return  # unlinked while open: nothing to commit to
-        times = node.times
+        # The new version keeps the mtime the view showed while writes were
+        # pending, so the kernel sees no change and keeps its page cache.
+        times = node.times or (None, node.mtime_ns)
 
         def publish(temp, nonce):
             return self.store.publish(temp, path, nonce, durable=durable, times=times)
