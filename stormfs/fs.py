@@ -157,7 +157,7 @@ class Operations(pyfuse3.Operations):
         try:
             path = self.table.path(node)
         except OSError:
-            if node.reader is None or not hasattr(node.reader, "fd"):
+            if node.reader is None:
                 raise
             st = os.fstat(node.reader.fd)  # unlinked but open
             return st, node.reader.size
@@ -180,11 +180,9 @@ class Operations(pyfuse3.Operations):
         """Blocking: the node's reader, reopened if the name now holds another file."""
         reader = node.reader
         if reader is not None:
-            fd = getattr(reader, "fd", None)
-            if fd is not None:
-                now, held = os.lstat(path), os.fstat(fd)
-                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                    return reader
+            now, held = os.lstat(path), os.fstat(reader.fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return reader
             reader.close()
             node.reader = None
         return self.store.open_reader(path)
@@ -215,7 +213,7 @@ class Operations(pyfuse3.Operations):
         node.times = None
         if old is not None:
             await self._run(old.close)
-        st = await self._run(os.fstat, reader.fd)  # type: ignore[attr-defined]
+        st = await self._run(os.fstat, reader.fd)
         self.table.rekey(node, st)
         node.cached = Identity.of(st)
 
@@ -519,7 +517,7 @@ class Operations(pyfuse3.Operations):
             if node.working is None:
                 path = self.table.path(node)
                 node.reader = await self._run(self._fresh_reader, node, path)
-                st = await self._run(os.fstat, node.reader.fd)  # type: ignore[union-attr]
+                st = await self._run(os.fstat, node.reader.fd)
                 ident = Identity.of(st)
                 keep = ident == node.cached
                 node.cached = ident
