@@ -47,6 +47,7 @@ def run(
     unset: Sequence[str] = (),
     timeout: float = 60,
     cwd: str | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a real process with `env` added to (and `unset` removed from) this
     environment; its output is echoed so the key scan sees it."""
@@ -60,7 +61,8 @@ def run(
         text=True,
         timeout=timeout,
         cwd=cwd,
-        stdin=subprocess.DEVNULL,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
     )
     sys.stdout.write(f"$ {' '.join(args)}\n{proc.stdout}")
     sys.stderr.write(proc.stderr)
