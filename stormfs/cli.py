@@ -3,16 +3,129 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import logging.handlers
 import os
 import sys
 
-from . import __version__, keycheck, keys
-from .exitcodes import OK, USAGE
+from . import __version__, hygiene, keycheck, keys, notify
+from .daemon import MountError, MountOptions, check_paths, serve
+from .exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE
+
+log = logging.getLogger("stormfs")
+
+COMMANDS = ("mount", "check", "keygen")
+LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    print(keys.generate_key())
-    return OK
+def _err(message: str) -> None:
+    print(f"stormfs: {message}", file=sys.stderr)
+
+
+def _setup_logging(log_file: str | None, *, debug: bool, background: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    elif background and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("stormfs[%(process)d]: %(levelname)s %(message)s"))
+    elif background:
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    try:
+        opts = MountOptions.parse(args.options or [])
+        source, mountpoint = check_paths(args.source, args.mountpoint)
+    except MountError as e:
+        _err(str(e))
+        return USAGE
+    # Before the key is read: no core dump may ever hold it (or plaintext).
+    hygiene.disable_core_dumps()
+    try:
+        keyring = keys.load_keyring(key_file=args.key_file or opts.key_file, environ=os.environ)
+    except keys.InvalidKey as e:
+        _err(str(e))
+        return USAGE
+    hygiene.scrub_key_environment()
+    try:
+        keycheck.preflight(source, keyring, echo=lambda line: print(line, file=sys.stderr))
+    except keycheck.SafetyError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code or KEY_SAFETY
+    except OSError as e:
+        _err(f"cannot check the key against {source}: {e}")
+        return MOUNT_FAILED
+    if args.foreground:
+        _setup_logging(args.log_file, debug=args.debug, background=False)
+        try:
+            serve(source, mountpoint, keyring, opts, ready=lambda: _notify_ready(mountpoint))
+        except MountError as e:
+            _err(str(e))
+            return MOUNT_FAILED
+        return OK
+    return _daemonize(args, source, mountpoint, keyring, opts)
+
+
+def _daemonize(
+    args: argparse.Namespace,
+    source: str,
+    mountpoint: str,
+    keyring: keys.Keyring | None,
+    opts: MountOptions,
+) -> int:
+    """Fork a daemon; return once its mount answers (or report why it did not)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        _setup_logging(args.log_file, debug=args.debug, background=True)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+        def ready() -> None:
+            os.write(w, b"ok\n")
+
+        code = OK
+        try:
+            serve(source, mountpoint, keyring, opts, ready=ready)
+        except MountError as e:
+            os.write(w, f"{e}\n".encode())
+            code = MOUNT_FAILED
+        except BaseException as e:
+            log.exception("daemon failed")
+            os.write(w, f"daemon failed: {e}\n".encode())
+            code = MOUNT_FAILED
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        first = pipe.readline().decode(errors="replace").strip()
+    if first == "ok":
+        return OK
+    os.waitpid(pid, 0)
+    _err(first or "the daemon stopped during start-up (see its log)")
+    return MOUNT_FAILED
+
+
+def _notify_ready(mountpoint: str) -> None:
+    """Tell systemd (Type=notify) that the mount answers; a no-op elsewhere."""
+    try:
+        notify.ready(f"mounted {mountpoint}")
+    except OSError as e:
+        log.warning("could not notify the service manager: %s", e)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -20,7 +133,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         keyring = keys.load_keyring(key_file=args.key_file, environ=os.environ)
     except keys.InvalidKey as e:
-        print(f"stormfs: error: {e}", file=sys.stderr)
+        _err(str(e))
         return USAGE
     try:
         mode = keycheck.preflight(args.source, keyring, echo=print)
@@ -28,12 +141,17 @@ def _check(args: argparse.Namespace) -> int:
         print(e.message, file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        print(f"stormfs: error: {args.source}: {e.strerror or e}", file=sys.stderr)
+        _err(f"{args.source}: {e.strerror or e}")
         return USAGE
     if mode is keycheck.Mode.PASSTHROUGH or keyring is None:
         print(f"OK: {args.source} can be mounted as a plain pass-through (no key)")
     else:
         print(f"OK: {args.source} can be mounted encrypted with key id {keyring.current.key_id}")
+    return OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(keys.generate_key())
     return OK
 
 
@@ -45,8 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stormfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
-    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser(
+        "mount",
+        help="mount a plaintext view of SOURCE on MOUNTPOINT",
+        description="Mount a plaintext view of the storage directory SOURCE on MOUNTPOINT. "
+        "Files written through the mount land in SOURCE as AES-256-GCM envelopes; legacy "
+        "plaintext files in SOURCE are served as they are. Without --foreground the command "
+        "returns once the mount answers. The key comes from --key-file, -o key_file=, "
+        f"$CREDENTIALS_DIRECTORY/{keys.CREDENTIAL_NAME} (systemd LoadCredential=) or "
+        f"${keys.ENV_KEY}; its id from ${keys.ENV_KEY_ID} (default 1).",
+        epilog="Mount options (-o, comma-separated): allow_other, allow_root, "
+        "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
+        "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1). "
+        "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
+        "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="storage directory holding the files")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the plaintext view appears")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]")
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="log here (default: stderr in the foreground, syslog in the background)",
+    )
+    p.add_argument("--debug", action="store_true", help="log at debug level")
+    p.set_defaults(func=_mount)
+
     p = sub.add_parser(
         "check",
         help="run the key safety checks on SOURCE, as a mount would, without mounting",
@@ -57,13 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE", help="the storage directory")
     p.add_argument("--key-file", metavar="PATH", help="read the key from PATH (mode 0600)")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
+    p.set_defaults(func=_keygen)
     return parser
+
+
+def _fstab_form(argv: list[str]) -> list[str]:
+    """mount.fuse3 runs `stormfs SOURCE MOUNTPOINT -o OPTS`: that is a mount."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        return ["mount", *argv]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_fstab_form(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
         return USAGE if e.code not in (0, None) else OK
     return args.func(args)

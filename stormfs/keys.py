@@ -108,8 +108,10 @@ def load_keyring(*, key_file: str | None, environ: Mapping[str, str]) -> Keyring
     3. ``$STORMCLOUD_ENCRYPTION_KEY``.
 
     The key id comes from ``$STORMCLOUD_ENCRYPTION_KEY_ID`` (default ``1``).
-    Returns None when no source holds a key.  Raises InvalidKey, naming the
-    source but never its content, when the chosen source is unusable.
+    An empty variable counts as unset (a compose file that passes through an
+    unset variable leaves it empty).  Returns None when no source holds a key.
+    Raises InvalidKey, naming the source but never its content, when the
+    chosen source is unusable.
     """
     key_id = parse_key_id(environ.get(ENV_KEY_ID))
     if key_file is not None:
@@ -118,7 +120,7 @@ def load_keyring(*, key_file: str | None, environ: Mapping[str, str]) -> Keyring
         path := os.path.join(environ[ENV_CREDENTIALS], CREDENTIAL_NAME)
     ):
         text, source = read_key_file(path), f"credential {path}"
-    elif ENV_KEY in environ:
+    elif environ.get(ENV_KEY, "").strip():
         text, source = environ[ENV_KEY], f"${ENV_KEY}"
     else:
         return None

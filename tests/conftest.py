@@ -1,11 +1,92 @@
-"""Suite-wide checks.  Key material must never reach any output: each test's
-captured stdout, stderr and log, and its failure report, are scanned for every
-key the suite made (see keyscan.py)."""
+"""Real mounts for tests: a stormfs daemon in a subprocess over a real directory.
+
+Every mount is taken down in teardown, even when the test failed: SIGTERM, then
+SIGKILL after a deadline, then `fusermount3 -u -z`.  A daemon that dies or never
+answers fails the test with its log instead of hanging the suite.
+
+Key material must never reach any output: each test's captured stdout, stderr
+and log, its failure report and every daemon log are scanned for every key
+the suite made (see keyscan.py).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import pytest
-from keyscan import leaked_in
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from stormfs import keys
+
+from .keyscan import leaked_in, new_key
+
+MOUNT_TIMEOUT = 15.0
+STOP_TIMEOUT = 30.0
+
+
+def stormfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stormfs", *args]
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
+
+
+@dataclass
+class Mount:
+    source: Path
+    mnt: Path
+    key: str | None
+    log: Path
+    proc: subprocess.Popen
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def raw_key(self) -> bytes:
+        assert self.key is not None
+        return keys.parse_key(self.key)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def decrypt(self, name: str) -> bytes:
+        """The plaintext of a file in SOURCE by the plain recipe of DESIGN §1."""
+        data = (self.source / name).read_bytes()
+        assert data[:1] == b"\x01", f"{name} is not an envelope"
+        return AESGCM(self.raw_key).decrypt(data[1:13], data[13:], None)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the daemon (committing pending writes on SIGTERM) and make sure it is unmounted."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if is_mounted(self.mnt):
+            force_unmount(self.mnt)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, then clear the dead mount."""
+        self.stop(signal.SIGKILL)
+
+
+MountFactory = Callable[..., Mount]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -25,3 +106,70 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
         (name, "[withheld: contains key material]" if name in leaked else text)
         for name, text in report.sections
     ]
+
+
+@pytest.fixture
+def key() -> str:
+    return new_key()
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
+    mounts: list[Mount] = []
+    counter = iter(range(1000))
+
+    def start(
+        source: Path | None = None,
+        mnt: Path | None = None,
+        *,
+        key: str | None = key,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Mount:
+        n = next(counter)
+        source = source or tmp_path / f"source{n}"
+        mnt = mnt or tmp_path / f"mnt{n}"
+        source.mkdir(exist_ok=True)
+        mnt.mkdir(exist_ok=True)
+        log = tmp_path / f"daemon{n}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
+        if key is not None:
+            full_env[keys.ENV_KEY] = key
+        full_env.update(env or {})
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(
+                stormfs_cmd("mount", "--foreground", "--debug", *args, str(source), str(mnt)),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+            )
+        m = Mount(source, mnt, key, log, proc, full_env)
+        mounts.append(m)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if proc.poll() is not None:
+                pytest.fail(f"stormfs exited with {proc.returncode}:\n{m.logtext()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"stormfs did not mount within {MOUNT_TIMEOUT}s:\n{m.logtext()}")
+            time.sleep(0.02)
+        os.stat(mnt)  # answers
+        return m
+
+    yield start
+    for m in mounts:
+        m.stop()
+    logs = [m.log.name for m in mounts if leaked_in(m.logtext())]
+    assert not logs, f"key material appeared in daemon logs: {logs}"
+
+
+@pytest.fixture
+def mounted(mount_factory: MountFactory) -> Mount:
+    return mount_factory()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)

@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import systemd_root
-from keyscan import new_key, run
 
 from stormfs import format as fmt
 from stormfs import keys
 from stormfs.exitcodes import KEY_SAFETY, OK, USAGE
+
+from . import systemd_root
+from .keyscan import new_key, run
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = [sys.executable, str(REPO / "tools" / "deploy.py")]

@@ -1,6 +1,7 @@
 """The v1 envelope as pure functions: known answers, interop with the plain
 AESGCM recipe, and every edge case of classification and authentication."""
 
+import contextlib
 import io
 import os
 
@@ -22,7 +23,7 @@ def test_known_answer():
     )
     # A fixed vector, so no change of the format can slip through unnoticed.
     assert env.hex() == (
-        "01" "6465666768696a6b6c6d6e6f" "207eb20a16c925ea511032" "bda210d507b75629079ed4d60b3f91dd"
+        "016465666768696a6b6c6d6e6f207eb20a16c925ea511032bda210d507b75629079ed4d60b3f91dd"
     )
 
 
@@ -137,7 +138,5 @@ def test_decrypt_range_at_any_offset(offset):
 
 @given(st.binary(max_size=200))
 def test_open_envelope_only_defined_errors(blob):
-    try:
+    with contextlib.suppress(fmt.DecryptionFailed):
         fmt.open_envelope(KEY, blob)
-    except fmt.DecryptionFailed:
-        pass

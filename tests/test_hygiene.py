@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-from keyscan import new_key, run
-
 from stormfs import keys
+
+from .keyscan import new_key, run
 
 # The child learns which key to look for on stdin, so the only copy in its
 # environment is the one under STORMCLOUD_ENCRYPTION_KEY.

@@ -11,11 +11,12 @@ import stat
 from pathlib import Path
 
 import pytest
-from keyscan import STORMFS, forms, new_key, run
 
 from stormfs import format as fmt
 from stormfs import keycheck, keys
 from stormfs.exitcodes import KEY_SAFETY, OK
+
+from .keyscan import STORMFS, forms, new_key, run
 
 MISMATCH_TEXT = """\
 FATAL: Encryption key mismatch detected!

@@ -7,10 +7,11 @@ import base64
 import os
 
 import pytest
-from keyscan import STORMFS, forms, new_key, run
 
 from stormfs import keys
 from stormfs.exitcodes import USAGE
+
+from .keyscan import STORMFS, forms, new_key, run
 
 
 def write_key_file(path, text: str, mode: int = 0o600) -> str:
@@ -139,13 +140,22 @@ MALFORMED = malformed_keys()
 @pytest.mark.parametrize(("label", "text"), MALFORMED, ids=[label for label, _ in MALFORMED])
 def test_malformed_keys_refused_without_key_text(tmp_path, label, text):
     path = write_key_file(tmp_path / "k", text)
-    for key_file, env in ((None, {keys.ENV_KEY: text}), (path, {})):
+    sources = [(path, {})]
+    if text.strip():  # an empty variable is no key at all (test below)
+        sources.append((None, {keys.ENV_KEY: text}))
+    for key_file, env in sources:
         with pytest.raises(keys.InvalidKey) as e:
             keys.load_keyring(key_file=key_file, environ=env)
         message = str(e.value)
         assert "\n" not in message
         for part in text.split():
             assert len(part) < 8 or part not in message, label
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_variable_counts_as_unset(value):
+    """What a compose file leaves for a variable it passes through unset."""
+    assert keys.load_keyring(key_file=None, environ={keys.ENV_KEY: value}) is None
 
 
 def test_key_id_validated():
@@ -160,7 +170,7 @@ def test_cli_refuses_malformed_key_with_exit_2(tmp_path):
     assert proc.returncode == USAGE
     assert proc.stdout == ""
     assert proc.stderr == (
-        f"stormfs: error: ${keys.ENV_KEY}: the encryption key decodes to 29 bytes; "
+        f"stormfs: ${keys.ENV_KEY}: the encryption key decodes to 29 bytes; "
         "it must be 32 (generate one with: stormfs keygen)\n"
     )
     assert text not in proc.stderr
@@ -175,7 +185,7 @@ def test_cli_refuses_key_file_readable_by_others(tmp_path):
     proc = run([*STORMFS, "check", str(source), "--key-file", path])
     assert proc.returncode == USAGE
     assert proc.stderr == (
-        f"stormfs: error: key file {path} is readable by group or others (mode 0644); "
+        f"stormfs: key file {path} is readable by group or others (mode 0644); "
         f"restrict it with: chmod 600 {path}\n"
     )
     assert not any(form in proc.stderr + proc.stdout for form in forms(key))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import systemd_root
+from . import systemd_root
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "stormfs@.service"
 

@@ -1,0 +1,183 @@
+"""Plaintext readers over one committed backing file (blocking; run off the trio thread).
+
+A reader serves plaintext byte ranges: a legacy file as-is; a v1 envelope only
+after its tag has been verified once, then any range by AES-CTR.  Verdicts are
+remembered per backing-file identity, so reopening an unchanged file does not
+read it again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+from typing import NamedTuple, Protocol
+
+from . import format as fmt
+
+log = logging.getLogger(__name__)
+
+
+class Identity(NamedTuple):
+    """What makes a backing file "the same file, unchanged" (st_ctime_ns cannot be set)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class LRU(OrderedDict):
+    """A small bounded mapping; the oldest entries fall out first."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class Reader(Protocol):
+    size: int
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Up to `n` bytes at `offset`; short only at end of file."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EmptyReader:
+    size = 0
+
+    def read(self, offset: int, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class PlainReader:
+    """A legacy plaintext file, served as-is."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def read(self, offset: int, n: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Verdicts:
+    """Backing-file identity -> nonce of an envelope whose tag verified, or None if it failed."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self._cache: LRU = LRU(capacity)
+
+    def get(self, ident: Identity) -> bytes | bool | None:
+        """The remembered nonce, None for a remembered failure, False if unknown."""
+        return self._cache.get(ident, False)
+
+    def put(self, ident: Identity, nonce: bytes | None) -> None:
+        self._cache.put(ident, nonce)
+
+
+class EnvelopeReader:
+    """A v1 envelope: verified (streaming, bounded memory) before the first byte is served."""
+
+    def __init__(
+        self,
+        fd: int,
+        key: bytes,
+        verdicts: Verdicts,
+        name: str,
+        *,
+        nonce: bytes | None = None,
+        st: os.stat_result | None = None,
+    ) -> None:
+        self.fd = fd
+        self.key = key
+        self.verdicts = verdicts
+        self.name = name
+        st = st or os.fstat(fd)
+        self.ident = Identity.of(st)
+        self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
+        self.nonce = nonce
+        if nonce is not None:
+            verdicts.put(self.ident, nonce)
+
+    def refresh(self) -> None:
+        """Take the file as it is now, unverified (after a change of its metadata, say)."""
+        st = os.fstat(self.fd)
+        ident = Identity.of(st)
+        if ident != self.ident:
+            self.ident = ident
+            self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
+            self.nonce = None
+
+    def verify(self) -> bytes:
+        if self.nonce is not None:
+            return self.nonce
+        known = self.verdicts.get(self.ident)
+        if known is None:
+            raise fmt.DecryptionFailed(self.name)
+        if known is False:
+            pos = [0]
+
+            def read(n: int) -> bytes:
+                data = os.pread(self.fd, n, pos[0])
+                pos[0] += len(data)
+                return data
+
+            try:
+                known = fmt.verify_stream(self.key, read, self.ident.size)
+            except fmt.DecryptionFailed:
+                self.verdicts.put(self.ident, None)
+                log.error("DECRYPTION_FAILED: %s", self.name)
+                raise fmt.DecryptionFailed(self.name) from None
+            if Identity.of(os.fstat(self.fd)) != self.ident:
+                raise OSError(errno.EIO, "backing file changed while it was verified")
+            self.verdicts.put(self.ident, known)
+        self.nonce = known
+        return known
+
+    def read(self, offset: int, n: int) -> bytes:
+        # Bytes read from a file that changed after it was verified are not
+        # authenticated: when the identity moved, verify again and reread.
+        for _ in range(3):
+            nonce = self.verify()
+            want = max(0, min(n, self.size - offset))
+            if want == 0:
+                return b""
+            ct = os.pread(self.fd, want, fmt.HEADER_SIZE + offset)
+            if len(ct) == want and Identity.of(os.fstat(self.fd)) == self.ident:
+                return fmt.decrypt_range(self.key, nonce, offset, ct)
+            self.refresh()
+        raise OSError(errno.EIO, "backing file keeps changing while read")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_full(reader: Reader, offset: int, n: int) -> bytes:
+    """Exactly `n` bytes: the reader's content, zero-filled past its end."""
+    data = reader.read(offset, n) if offset < reader.size else b""
+    while len(data) < n and offset + len(data) < reader.size:
+        more = reader.read(offset + len(data), n - len(data))
+        if not more:
+            break
+        data += more
+    return data + bytes(n - len(data)) if len(data) < n else data

@@ -1,0 +1,158 @@
+"""Mount lifecycle: options, checks on SOURCE and MOUNTPOINT, serving, clean shutdown."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .fs import Operations
+from .keys import Keyring
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Passed to the kernel as they are.
+FUSE_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "allow_root",
+        "default_permissions",
+        "auto_unmount",
+        "ro",
+        "nosuid",
+        "nodev",
+        "noexec",
+        "noatime",
+    }
+)
+# mount(8), fstab and systemd generic options that mean nothing to a FUSE daemon.
+IGNORED_OPTIONS = frozenset(
+    {"rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
+    | {"dev", "suid", "exec", "atime", "relatime", "strictatime", "async", "owner", "group"}
+)
+
+
+class MountError(Exception):
+    """The mount cannot be set up; the message says why and what to do."""
+
+
+@dataclass
+class MountOptions:
+    fuse: set[str] = field(default_factory=set)
+    key_file: str | None = None
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> MountOptions:
+        """`-o a,b=c` strings; unknown options are refused, generic mount options ignored."""
+        opts = cls()
+        for spec in specs:
+            for item in filter(None, (s.strip() for s in spec.split(","))):
+                name, _, value = item.partition("=")
+                if name in FUSE_OPTIONS and not value:
+                    opts.fuse.add(name)
+                elif name == "key_file" and value:
+                    opts.key_file = value
+                elif name in ("entry_timeout", "attr_timeout") and value:
+                    try:
+                        seconds = float(value)
+                    except ValueError:
+                        raise MountError(f"option {name} needs a number of seconds") from None
+                    if seconds < 0:
+                        raise MountError(f"option {name} cannot be negative")
+                    setattr(opts, name, seconds)
+                elif name in ("fsname", "subtype"):
+                    continue  # stormfs sets these itself
+                elif name in IGNORED_OPTIONS or name.startswith(("x-", "comment")):
+                    continue
+                else:
+                    raise MountError(f"unknown mount option: {item}")
+        return opts
+
+
+def check_paths(source: str, mountpoint: str) -> tuple[str, str]:
+    """Both must be directories, MOUNTPOINT not inside SOURCE and not mounted already."""
+    src = os.path.realpath(source)
+    if not os.path.isdir(src):
+        raise MountError(f"SOURCE {source} is not a directory")
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"MOUNTPOINT {mountpoint} is a dead mount (its daemon stopped); "
+                f"clear it with: fusermount3 -u -z {mountpoint}"
+            ) from None
+        raise MountError(f"MOUNTPOINT {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"MOUNTPOINT {mountpoint} is not a directory")
+    mnt = os.path.realpath(mountpoint)
+    if os.path.ismount(mnt):
+        raise MountError(f"MOUNTPOINT {mountpoint} is already a mount point")
+    if mnt == src or mnt.startswith(src.rstrip("/") + "/"):
+        raise MountError("MOUNTPOINT must not be inside SOURCE")
+    return src, mnt
+
+
+def serve(
+    source: str,
+    mountpoint: str,
+    keyring: Keyring | None,
+    opts: MountOptions,
+    *,
+    ready: Callable[[], None],
+) -> None:
+    """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
+    store = Store(source, keyring.current if keyring else None)
+    try:
+        ops = Operations(store, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
+        fuse_opts = {
+            *opts.fuse,
+            "default_permissions",
+            f"fsname={source}",
+            "subtype=stormfs",
+        }
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_opts)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+        try:
+            trio.run(_main, ops, mountpoint, ready)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        store.close()
+    log.info("unmounted %s", mountpoint)
+
+
+async def _main(ops: Operations, mountpoint: str, ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_announce, mountpoint, ready)
+        await pyfuse3.main()
+        await ops.drain()
+        nursery.cancel_scope.cancel()
+
+
+async def _announce(mountpoint: str, ready: Callable[[], None]) -> None:
+    """The mount answers once a stat of its root comes back (served by this daemon)."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    log.info("mounted %s", mountpoint)
+    ready()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: committing pending writes and unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,747 @@
+"""The pyfuse3 operations: translate kernel requests into table, store and working-copy calls.
+
+Every handler goes through `_boundary`: `OSError` becomes its errno, a file that
+fails authentication becomes EIO, anything unexpected is logged with its
+traceback and answered EIO — the daemon keeps serving.  Blocking work runs in
+threads (`_run`); a per-node `trio.Lock` orders reads, writes and commits.
+
+Data reaches SOURCE on flush (so close() returns commit errors), on fsync
+(durably), on the last release if writes came after the last flush (mmap), and
+at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from . import format as fmt
+from .content import EnvelopeReader, Identity, PlainReader, Reader
+from .inodes import InodeTable, Node
+from .store import VIRTUAL_XATTR_PREFIX, Store, is_hidden
+from .working import WorkingCopy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+XATTR_METHOD = "user.stormfs.encryption_method"
+XATTR_SIZE = "user.stormfs.encrypted_size"
+XATTR_KEY_ID = "user.stormfs.key_id"
+
+
+def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place where errors become errnos."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except fmt.DecryptionFailed:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:
+            if e.errno is None:
+                log.exception("%s failed", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    writable: bool
+
+
+@dataclass(eq=False)
+class DirHandle:
+    node: Node
+    names: list[bytes] | None = None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(old: bytes, new: bytes, flags: int) -> None:
+    at_fdcwd = -100
+    if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _hidden_name(name: bytes, *, creating: bool) -> None:
+    if is_hidden(name):
+        raise pyfuse3.FUSEError(errno.EPERM if creating else errno.ENOENT)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self, store: Store, *, entry_timeout: float = 1.0, attr_timeout: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.table = InodeTable(store.root)
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self._handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+        self._limiter = trio.CapacityLimiter(8)
+        self._root_uid = os.geteuid() == 0
+
+    # ---- plumbing -----------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _new_fh(self, handle: Handle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if not isinstance(h, Handle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    def _attrs(self, node: Node, st: os.stat_result, size: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.inode
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = size
+        e.st_blksize = 4096
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        if node.working is not None:
+            e.st_size = node.working.size
+            e.st_blocks = (node.working.size + 511) // 512
+            e.st_mtime_ns = e.st_ctime_ns = max(node.mtime_ns, st.st_ctime_ns)
+        if node.times is not None:
+            e.st_atime_ns, e.st_mtime_ns = node.times
+        return e
+
+    def _stat_node(self, node: Node) -> tuple[os.stat_result, int]:
+        """Blocking: the node's backing stat and plaintext size (by name, or by open file)."""
+        try:
+            path = self.table.path(node)
+        except OSError:
+            if node.reader is None or not hasattr(node.reader, "fd"):
+                raise
+            st = os.fstat(node.reader.fd)  # unlinked but open
+            return st, node.reader.size
+        st, size, _ = self.store.stat(path)
+        return st, size
+
+    async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        st, size = await self._run(self._stat_node, node)
+        return self._attrs(node, st, size)
+
+    def _working(self, node: Node) -> WorkingCopy:
+        if node.working is None:
+            if node.reader is None:
+                raise OSError(errno.EBADF, "file is not open")
+            node.working = WorkingCopy(self.store, node.reader, node.reader.size)
+            node.mtime_ns = time.time_ns()
+        return node.working
+
+    def _fresh_reader(self, node: Node, path: bytes) -> Reader:
+        """Blocking: the node's reader, reopened if the name now holds another file."""
+        reader = node.reader
+        if reader is not None:
+            fd = getattr(reader, "fd", None)
+            if fd is not None:
+                now, held = os.lstat(path), os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    return reader
+            reader.close()
+            node.reader = None
+        return self.store.open_reader(path)
+
+    async def _commit(self, node: Node, *, durable: bool) -> None:
+        """Make the node's pending writes the committed version (node lock held)."""
+        working = node.working
+        if working is None:
+            return
+        try:
+            path = self.table.path(node)
+        except OSError:
+            return  # unlinked while open: nothing to commit to
+        times = node.times
+
+        def publish(temp, nonce):
+            return self.store.publish(temp, path, nonce, durable=durable, times=times)
+
+        try:
+            reader = await self._run(working.commit, publish)
+        except BaseException:
+            node.cached = None
+            raise
+        old, node.reader = node.reader, reader
+        node.working = None
+        node.times = None
+        if old is not None:
+            await self._run(old.close)
+        st = await self._run(os.fstat, reader.fd)  # type: ignore[attr-defined]
+        self.table.rekey(node, st)
+        node.cached = Identity.of(st)
+
+    async def _close_reader(self, node: Node) -> None:
+        reader, node.reader = node.reader, None
+        if reader is not None:
+            await self._run(reader.close)
+
+    def _metadata_changed(self, node: Node) -> None:
+        """Blocking: our own chmod/chown/utime/xattr change moved ctime, not content."""
+        reader = node.reader
+        if isinstance(reader, EnvelopeReader) and reader.nonce is not None:
+            nonce = reader.nonce
+            reader.refresh()
+            reader.verdicts.put(reader.ident, nonce)
+            reader.nonce = nonce
+
+    async def drain(self) -> None:
+        """Commit every pending write (at shutdown)."""
+        for node in self.table:
+            if node.working is None:
+                continue
+            async with node.lock:
+                try:
+                    await self._commit(node, durable=True)
+                except Exception as e:
+                    log.error("pending writes to inode %d lost at shutdown: %s", node.inode, e)
+
+    # ---- lookups and attributes ---------------------------------------------
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _hidden_name(name, creating=False)
+        path = self.table.child_path(self.table.get(parent_inode), name)
+        st, size, _ = await self._run(self.store.stat, path)
+        node = self.table.bind(parent_inode, name, st)
+        node.lookups += 1
+        return self._attrs(node, st, size)
+
+    @_boundary
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, n in inode_list:
+            try:
+                node = self.table.get(inode)
+            except OSError:
+                continue
+            self.table.forget(node, n)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(self.table.get(inode))
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        async with node.lock:
+            path = self.table.path(node)
+            if fields.update_size:
+                if node.reader is None:
+                    node.reader = await self._run(self._fresh_reader, node, path)
+                    opened_here = True
+                else:
+                    opened_here = False
+                await self._run(self._working(node).truncate, attr.st_size)
+                node.mtime_ns = time.time_ns()
+                node.times = None
+                if fh is None or opened_here:
+                    await self._commit(node, durable=False)
+                if opened_here and node.opens == 0:
+                    await self._close_reader(node)
+            await self._run(self._set_metadata, node, path, attr, fields)
+        return await self._entry(node)
+
+    def _set_metadata(
+        self, node: Node, path: bytes, attr: pyfuse3.EntryAttributes, fields: Any
+    ) -> None:
+        changed = False
+        if fields.update_mode and not stat.S_ISLNK(node.mode):
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+            changed = True
+        if fields.update_uid or fields.update_gid:
+            os.chown(
+                path,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+                follow_symlinks=False,
+            )
+            changed = True
+        if fields.update_atime or fields.update_mtime:
+            st = os.lstat(path)
+            times = (
+                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+            )
+            os.utime(path, ns=times, follow_symlinks=False)
+            if node.working is not None:
+                node.times = times
+            changed = True
+        if changed:
+            self._metadata_changed(node)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._run(os.readlink, self.table.path(self.table.get(inode)))
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = await self._run(os.statvfs, self.store.root)
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail"):
+            setattr(out, name, getattr(sv, name))
+        for name in ("f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, name, getattr(sv, name))
+        return out
+
+    # ---- creating and removing names ----------------------------------------
+
+    async def _made(
+        self, parent_inode: int, name: bytes, make: Callable[[bytes], None]
+    ) -> pyfuse3.EntryAttributes:
+        """Run `make(path)` for a new name, then look it up."""
+        _hidden_name(name, creating=True)
+        path = self.table.child_path(self.table.get(parent_inode), name)
+
+        def work() -> tuple[os.stat_result, int, Any]:
+            make(path)
+            return self.store.stat(path)
+
+        st, size, _ = await self._run(work)
+        node = self.table.bind(parent_inode, name, st)
+        node.lookups += 1
+        return self._attrs(node, st, size)
+
+    def _chown_new(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._root_uid:
+            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make(path: bytes) -> None:
+            os.mkdir(path, stat.S_IMODE(mode))
+            self._chown_new(path, ctx)
+
+        return await self._made(parent_inode, name, make)
+
+    @_boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make(path: bytes) -> None:
+            os.symlink(target, path)
+            self._chown_new(path, ctx)
+
+        return await self._made(parent_inode, name, make)
+
+    @_boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make(path: bytes) -> None:
+            os.mknod(path, mode, rdev)
+            self._chown_new(path, ctx)
+
+        return await self._made(parent_inode, name, make)
+
+    @_boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        async with node.lock:
+            src = self.table.path(node)
+            return await self._made(
+                new_parent_inode, new_name, lambda path: os.link(src, path, follow_symlinks=False)
+            )
+
+    async def _remove(
+        self, parent_inode: int, name: bytes, remove: Callable[[bytes], None]
+    ) -> None:
+        _hidden_name(name, creating=False)
+        path = self.table.child_path(self.table.get(parent_inode), name)
+        victim = self.table.child(parent_inode, name)
+        if victim is None:
+            await self._run(remove, path)
+            return
+        async with victim.lock:
+            await self._run(remove, path)
+            self.table.unlink(parent_inode, name)
+        self.table.drop_if_idle(victim)
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, os.unlink)
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, os.rmdir)
+
+    @_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        _hidden_name(name_old, creating=False)
+        _hidden_name(name_new, creating=True)
+        if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old = self.table.child_path(self.table.get(parent_inode_old), name_old)
+        new = self.table.child_path(self.table.get(parent_inode_new), name_new)
+        nodes = {
+            n.inode: n
+            for n in (
+                self.table.child(parent_inode_old, name_old),
+                self.table.child(parent_inode_new, name_new),
+            )
+            if n is not None
+        }
+        locked = [nodes[i] for i in sorted(nodes)]
+        async with contextlib.AsyncExitStack() as stack:
+            for node in locked:
+                await stack.enter_async_context(node.lock)
+            if flags:
+                await self._run(_renameat2, old, new, flags)
+            else:
+                await self._run(os.rename, old, new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self.table.exchange((parent_inode_old, name_old), (parent_inode_new, name_new))
+            else:
+                self.table.move((parent_inode_old, name_old), (parent_inode_new, name_new))
+        for node in locked:
+            self.table.drop_if_idle(node)
+
+    # ---- files ----------------------------------------------------------------
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _hidden_name(name, creating=True)
+        path = self.table.child_path(self.table.get(parent_inode), name)
+
+        def make() -> tuple[int, os.stat_result]:
+            fd = os.open(
+                path,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                stat.S_IMODE(mode),
+            )
+            try:
+                if self._root_uid:
+                    os.fchown(fd, ctx.uid, ctx.gid)
+                return fd, os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+
+        try:
+            fd, st = await self._run(make)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            entry = await self.lookup(parent_inode, name, ctx)
+            info = await self.open(entry.st_ino, flags, ctx)
+            return info, entry
+        node = self.table.bind(parent_inode, name, st)
+        node.lookups += 1
+        async with node.lock:
+            await self._close_reader(node)
+            node.reader = PlainReader(fd, 0)
+            # Dirty from birth: even a file closed without a write becomes an envelope.
+            self._working(node)
+            node.opens += 1
+            node.cached = None
+        fh = self._new_fh(Handle(node, writable=True))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(node, st, 0)
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.table.get(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        async with node.lock:
+            if node.working is None:
+                path = self.table.path(node)
+                node.reader = await self._run(self._fresh_reader, node, path)
+                st = await self._run(os.fstat, node.reader.fd)  # type: ignore[union-attr]
+                ident = Identity.of(st)
+                keep = ident == node.cached
+                node.cached = ident
+                if isinstance(node.reader, EnvelopeReader) and not flags & os.O_TRUNC:
+                    # A damaged file fails at open, even one whose plaintext is empty.
+                    await self._run(node.reader.verify)
+            else:
+                keep = True
+            if flags & os.O_TRUNC and writable:
+                await self._run(self._working(node).truncate, 0)
+                node.mtime_ns = time.time_ns()
+                node.times = None
+            node.opens += 1
+        fh = self._new_fh(Handle(node, writable))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._handle(fh).node
+        async with node.lock:
+            source = node.working or node.reader
+            if source is None:
+                raise OSError(errno.EBADF, "file is not open")
+            return await self._run(source.read, off, size)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._handle(fh).node
+        async with node.lock:
+            try:
+                await self._run(self._working(node).write, off, buf)
+            except BaseException:
+                node.cached = None
+                raise
+            node.mtime_ns = time.time_ns()
+            node.times = None
+        return len(buf)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        h = self._handle(fh)
+        if h.writable:
+            async with h.node.lock:
+                await self._commit(h.node, durable=False)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self._handle(fh).node
+        async with node.lock:
+            if node.working is not None:
+                await self._commit(node, durable=True)
+            else:
+                await self._run(_sync_parent, self.table.path(node))
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        h = self._handle(fh)
+        del self._handles[fh]
+        node = h.node
+        async with node.lock:
+            node.opens -= 1
+            if node.opens == 0:
+                if node.working is not None:
+                    try:
+                        await self._commit(node, durable=False)
+                    except Exception as e:
+                        log.error("pending writes to inode %d lost: %s", node.inode, e)
+                    working, node.working = node.working, None
+                    if working is not None:
+                        await self._run(working.close)
+                await self._close_reader(node)
+        self.table.drop_if_idle(node)
+
+    # ---- directories ----------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.table.get(inode)
+        node.opens += 1
+        return self._new_fh(DirHandle(node))
+
+    def _list(self, path: bytes) -> list[bytes]:
+        return [n for n in os.listdir(path) if not is_hidden(n)]
+
+    def _stat_many(self, path: bytes, names: list[bytes]) -> list[tuple[bytes, Any] | None]:
+        out: list[tuple[bytes, Any] | None] = []
+        for name in names:
+            try:
+                out.append((name, self.store.stat(os.path.join(path, name))))
+            except FileNotFoundError:
+                out.append(None)  # removed since the listing
+        return out
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        dh = self._handles.get(fh)
+        if not isinstance(dh, DirHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        path = self.table.path(dh.node)
+        if start_id == 0 or dh.names is None:
+            dh.names = await self._run(self._list, path)
+        names = dh.names
+        batch = 256
+        for first in range(start_id, len(names), batch):
+            stats = await self._run(self._stat_many, path, names[first : first + batch])
+            for i, item in enumerate(stats, start=first):
+                if item is None:
+                    continue
+                name, (st, size, _) = item
+                node = self.table.bind(dh.node.inode, name, st)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node, st, size), i + 1):
+                    self.table.drop_if_idle(node)
+                    return
+                node.lookups += 1
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        dh = self._handles.pop(fh, None)
+        if isinstance(dh, DirHandle):
+            dh.node.opens -= 1
+            self.table.drop_if_idle(dh.node)
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        dh = self._handles.get(fh)
+        if not isinstance(dh, DirHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self._run(_sync_dir, self.table.path(dh.node))
+
+    # ---- extended attributes --------------------------------------------------
+
+    def _virtual_xattrs(self, node: Node) -> dict[str, bytes]:
+        """Blocking: the read-only user.stormfs.* attributes of a regular file."""
+        if not stat.S_ISREG(node.mode):
+            return {}
+        path = self.table.path(node)
+        st, _, kind = self.store.stat(path)
+        if kind is not fmt.Kind.ENCRYPTED:
+            return {XATTR_METHOD: b"none"}
+        key_id = self.store.key_id_of(path) or (self.store.key.key_id if self.store.key else "")
+        return {
+            XATTR_METHOD: b"server",
+            XATTR_SIZE: str(st.st_size).encode(),
+            XATTR_KEY_ID: key_id.encode(),
+        }
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        key = os.fsdecode(name)
+        if key.startswith("security."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # no labels here; keeps writes cheap
+        node = self.table.get(inode)
+        if key.startswith(VIRTUAL_XATTR_PREFIX):
+            value = (await self._run(self._virtual_xattrs, node)).get(key)
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
+        path = self.table.path(node)
+        try:
+            return await self._run(functools.partial(os.getxattr, path, key, follow_symlinks=False))
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self.table.get(inode)
+        path = self.table.path(node)
+
+        def names() -> list[bytes]:
+            own = [
+                n
+                for n in os.listxattr(path, follow_symlinks=False)
+                if not n.startswith(VIRTUAL_XATTR_PREFIX)
+            ]
+            return [os.fsencode(n) for n in (*own, *self._virtual_xattrs(node))]
+
+        return await self._run(names)
+
+    @_boundary
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        key = os.fsdecode(name)
+        if key.startswith(VIRTUAL_XATTR_PREFIX):
+            return  # read-only and computed: accepted and ignored, so `cp -a` onto a mount works
+        node = self.table.get(inode)
+        path = self.table.path(node)
+
+        def work() -> None:
+            os.setxattr(path, key, value, follow_symlinks=False)
+            self._metadata_changed(node)
+
+        async with node.lock:
+            await self._run(work)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        key = os.fsdecode(name)
+        if key.startswith(VIRTUAL_XATTR_PREFIX):
+            return
+        node = self.table.get(inode)
+        path = self.table.path(node)
+
+        def work() -> None:
+            try:
+                os.removexattr(path, key, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+                raise
+            self._metadata_changed(node)
+
+        async with node.lock:
+            await self._run(work)
+
+
+def _sync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_parent(path: bytes) -> None:
+    _sync_dir(os.path.dirname(path))
