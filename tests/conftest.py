@@ -113,6 +113,12 @@ def key() -> str:
     return new_key()
 
 
+@pytest.fixture(scope="session")
+def destdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch root that `make deploy` installs into (see deployment.py)."""
+    return tmp_path_factory.mktemp("destdir")
+
+
 @pytest.fixture
 def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
     mounts: list[Mount] = []

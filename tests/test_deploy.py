@@ -3,14 +3,13 @@ key auto-preservation, and every refusal leaving the deployment untouched.
 All output passes through keyscan's runner, so no key may show in it.
 
 The first deployment builds the real virtualenv under DESTDIR/opt/stormfs
-(once per module); later runs find it current and skip the install.
+(once per session); later runs find it current and skip the install.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,8 @@ from stormfs import keys
 from stormfs.exitcodes import KEY_SAFETY, OK, USAGE
 
 from . import systemd_root
+from .deployment import DEPLOY, REPO, Deployment
 from .keyscan import new_key, run
-
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = [sys.executable, str(REPO / "tools" / "deploy.py")]
 
 MISMATCH_TEXT = (
     "FATAL: Encryption key mismatch detected!\n"
@@ -45,50 +42,9 @@ def notice(key: str) -> str:
     )
 
 
-class Deployment:
-    """One NAME deployed into the shared scratch root."""
-
-    def __init__(self, root: Path, work: Path, name: str) -> None:
-        self.root, self.name = root, name
-        self.source = work / name / "source"
-        self.mountpoint = work / name / "mnt"
-        self.source.mkdir(parents=True)
-
-    def deploy(self, key: str | None = None, **env: str):
-        if key is not None:
-            env[keys.ENV_KEY] = key
-        args = ["--source", str(self.source), "--mountpoint", str(self.mountpoint)]
-        proc = run(
-            [*DEPLOY, *args, "--name", self.name],
-            env={"DESTDIR": str(self.root), **env},
-            timeout=600,
-        )
-        return proc
-
-    def etc(self, suffix: str) -> Path:
-        return self.root / "etc/stormfs" / f"{self.name}{suffix}"
-
-    @property
-    def dropin(self) -> Path:
-        return self.root / f"etc/systemd/system/stormfs@{self.name}.service.d/deploy.conf"
-
-    def state(self) -> dict[str, tuple[int, int, bytes | None]]:
-        """Everything deployed for this NAME and its SOURCE: names, modes,
-        mtimes and contents, to show that a refusal changed nothing."""
-        out = {}
-        for top in (self.root / "etc", self.source):
-            for dirpath, dirnames, filenames in os.walk(top):
-                for name in dirnames + filenames:
-                    path = Path(dirpath, name)
-                    st = path.lstat()
-                    data = path.read_bytes() if stat.S_ISREG(st.st_mode) else None
-                    out[str(path)] = (st.st_mode, st.st_mtime_ns, data)
-        return out
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("destdir")
+@pytest.fixture
+def root(destdir):
+    return destdir
 
 
 @pytest.fixture
