@@ -66,8 +66,9 @@ def test_service_contract():
 
 
 def test_no_hardening_that_hides_the_mount():
-    """Each of these either puts the mount in a namespace the host never sees,
-    or (device policies) keeps the daemon from opening /dev/fuse."""
+    """Each of these puts the mount in a namespace the host never sees, keeps
+    the daemon from opening /dev/fuse (device policies) or from tuning the
+    mount (read-only /sys)."""
     hiding = {
         "ProtectSystem",
         "ProtectHome",
@@ -82,5 +83,7 @@ def test_no_hardening_that_hides_the_mount():
         "BindPaths",
         "DevicePolicy",
         "ProtectClock",
+        # Read-only /sys: the daemon could not set the mount's readahead.
+        "ProtectKernelTunables",
     }
     assert hiding.isdisjoint(settings())
