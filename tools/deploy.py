@@ -330,8 +330,11 @@ def deploy(argv: list[str], environ: dict[str, str]) -> int:
 
 
 def main() -> int:
+    environ = dict(os.environ)
+    # Only `stormfs check` gets the key (run_checks); pip, venv and systemctl do not.
+    os.environ.pop(keys.ENV_KEY, None)
     try:
-        return deploy(sys.argv[1:], dict(os.environ))
+        return deploy(sys.argv[1:], environ)
     except DeployError as e:
         if e.exit_code == KEY_SAFETY and str(e):
             print(e, file=sys.stderr)
