@@ -317,9 +317,9 @@ def deploy(argv: list[str], environ: dict[str, str]) -> int:
     if target.live:
         start_service(target, changed)
         return OK
-    root = ["--root", target.root] if os.path.realpath(target.root) != "/" else []
     if shutil.which("systemctl"):
-        systemctl(*root, "enable", "--quiet", target.unit_instance)
+        # --root: work on the unit files alone, with no service manager to ask.
+        systemctl("--root", target.root, "enable", "--quiet", target.unit_instance)
         say(f"{target.unit_instance} is installed and enabled")
     else:
         say(f"{target.unit_instance} is installed (no systemctl here to enable it)")
