@@ -146,7 +146,8 @@ class Operations(pyfuse3.Operations):
         if node.working is not None:
             e.st_size = node.working.size
             e.st_blocks = (node.working.size + 511) // 512
-            e.st_mtime_ns = e.st_ctime_ns = max(node.mtime_ns, st.st_ctime_ns)
+            e.st_mtime_ns = node.mtime_ns
+            e.st_ctime_ns = max(node.mtime_ns, st.st_ctime_ns)
         if node.times is not None:
             e.st_atime_ns, e.st_mtime_ns = node.times
         return e
@@ -156,7 +157,7 @@ class Operations(pyfuse3.Operations):
         try:
             path = self.table.path(node)
         except OSError:
-            if node.reader is None or not hasattr(node.reader, "fd"):
+            if node.reader is None:
                 raise
             st = os.fstat(node.reader.fd)  # unlinked but open
             return st, node.reader.size
@@ -179,11 +180,9 @@ class Operations(pyfuse3.Operations):
         """Blocking: the node's reader, reopened if the name now holds another file."""
         reader = node.reader
         if reader is not None:
-            fd = getattr(reader, "fd", None)
-            if fd is not None:
-                now, held = os.lstat(path), os.fstat(fd)
-                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                    return reader
+            now, held = os.lstat(path), os.fstat(reader.fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return reader
             reader.close()
             node.reader = None
         return self.store.open_reader(path)
@@ -197,7 +196,9 @@ class Operations(pyfuse3.Operations):
             path = self.table.path(node)
         except OSError:
             return  # unlinked while open: nothing to commit to
-        times = node.times
+        # The new version keeps the mtime the view showed while writes were
+        # pending, so the kernel sees no change and keeps its page cache.
+        times = node.times or (None, node.mtime_ns)
 
         def publish(temp, nonce):
             return self.store.publish(temp, path, nonce, durable=durable, times=times)
@@ -212,7 +213,7 @@ class Operations(pyfuse3.Operations):
         node.times = None
         if old is not None:
             await self._run(old.close)
-        st = await self._run(os.fstat, reader.fd)  # type: ignore[attr-defined]
+        st = await self._run(os.fstat, reader.fd)
         self.table.rekey(node, st)
         node.cached = Identity.of(st)
 
@@ -516,7 +517,7 @@ class Operations(pyfuse3.Operations):
             if node.working is None:
                 path = self.table.path(node)
                 node.reader = await self._run(self._fresh_reader, node, path)
-                st = await self._run(os.fstat, node.reader.fd)  # type: ignore[union-attr]
+                st = await self._run(os.fstat, node.reader.fd)
                 ident = Identity.of(st)
                 keep = ident == node.cached
                 node.cached = ident
