@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from . import notify
 from .fs import Operations
 from .keys import Keyring
 from .store import Store
@@ -174,5 +176,7 @@ async def _stop_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: committing pending writes and unmounting", signal.Signals(signum).name)
+            with contextlib.suppress(OSError):
+                notify.stopping()
             pyfuse3.terminate()
             return

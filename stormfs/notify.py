@@ -38,7 +38,3 @@ def ready(status: str | None = None, environ: Mapping[str, str] = os.environ) ->
 
 def stopping(environ: Mapping[str, str] = os.environ) -> bool:
     return notify("STOPPING=1", environ)
-
-
-def status(text: str, environ: Mapping[str, str] = os.environ) -> bool:
-    return notify(f"STATUS={text}", environ)
