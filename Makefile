@@ -11,7 +11,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev attr fio rsync sql
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test lint format clean
+.PHONY: help install system-packages demo test lint format clean bench bench-quick gocryptfs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,17 @@ demo: install ## mount a demo storage directory, write and read through it, show
 
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q
+
+# gocryptfs is the encrypting filesystem the benchmark compares against.
+gocryptfs:
+	@dpkg -s gocryptfs >/dev/null 2>&1 || \
+	    (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y gocryptfs)
+
+bench: install gocryptfs ## benchmark raw / passthrough / gocryptfs / stormfs (BENCH_ARGS=...)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: install gocryptfs ## short benchmark smoke run (small sizes, one round)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -96,18 +96,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset")
-    p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
-    p.add_argument("--rounds", type=int, help=f"rounds (default {FULL['rounds']})")
-    p.add_argument("--seq-size", type=parse_size, help=f"sequential file ({FULL['seq_size']})")
-    p.add_argument("--big-size", type=parse_size, help=f"RSS file ({FULL['big_size']})")
-    p.add_argument("--random-reads", type=int, help=f"({FULL['random_reads']})")
-    p.add_argument("--files", type=int, help=f"stdlib files in the tar ({FULL['files']})")
-    p.add_argument("--overwrites", type=int, help=f"({FULL['overwrites']})")
+    p.add_argument("--quick", action="store_true", help="small sizes and one round: a smoke run")
+    p.add_argument("--rounds", type=int, metavar="N", help="rounds (3, quick 1)")
+    p.add_argument(
+        "--seq-size", type=parse_size, metavar="SIZE", help="sequential file (512M, quick 64M)"
+    )
+    p.add_argument("--big-size", type=parse_size, metavar="SIZE", help="RSS file (4G, quick 256M)")
+    p.add_argument("--random-reads", type=int, metavar="N", help="random reads (2000, quick 500)")
+    p.add_argument("--files", type=int, metavar="N", help="files in the tar (2500, quick 500)")
+    p.add_argument("--overwrites", type=int, metavar="N", help="overwrites (200, quick 50)")
     p.add_argument("--migrate", action="store_true", help="also time stormfs encrypt vs cp -a")
-    p.add_argument("--migrate-size", type=parse_size, help=f"legacy tree ({FULL['migrate_size']})")
-    p.add_argument("--scratch", type=Path, default=Path("/var/tmp/stormfs-bench"))
-    p.add_argument("--output", type=Path, default=Path("bench-results/latest.json"))
-    p.add_argument("--stormfs", default=str(REPO / ".venv/bin/stormfs"), help="stormfs command")
+    p.add_argument(
+        "--migrate-size", type=parse_size, metavar="SIZE", help="legacy tree (1G, quick 64M)"
+    )
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path("/var/tmp/stormfs-bench"),
+        metavar="DIR",
+        help="work directories and logs (%(default)s)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("bench-results/latest.json"),
+        metavar="FILE",
+        help="JSON with every number (%(default)s)",
+    )
+    p.add_argument(
+        "--stormfs",
+        default=str(REPO / ".venv/bin/stormfs"),
+        metavar="CMD",
+        help="the stormfs command (%(default)s)",
+    )
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -269,11 +290,13 @@ def render(
         row += [f"{r[m.key]:.2f}x" if r[m.key] is not None else "n/a" for r in ratios.values()]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append(
+    legend = (
         f"Median of {rounds} round(s). MB/s = 10^6 bytes/s, higher is better; s and MiB, "
-        "lower is better. Ratios: > 1 means stormfs is better (MB/s: stormfs/other; "
-        "s and MiB: other/stormfs). `-`: not applicable (no daemon)."
+        "lower is better. `-`: not applicable (no daemon)."
     )
+    if ratios:
+        legend += " Ratios > 1 mean stormfs is better (stormfs/other for MB/s, other/stormfs else)."
+    lines.append(legend)
     notes = {f"{r['target']}: n/a ({r['reason']})" for r in runs if r["status"] == "n/a"}
     for r in runs:
         failed: dict[str, list[str]] = {}
