@@ -52,6 +52,9 @@ QUICK = {
 }
 
 
+Step = tuple[tuple[str, ...], Callable[[], dict[str, float]]]
+
+
 @dataclass(frozen=True)
 class Metric:
     key: str
@@ -134,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, parse_size(value) if isinstance(value, str) else value)
     args.targets = [t for t in args.targets.split(",") if t]
+    if not args.targets:
+        p.error("--targets: name at least one target")
     if unknown := set(args.targets) - set(ALL_TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     for name in ("seq_size", "big_size"):
@@ -173,9 +178,10 @@ class Bench:
         self.seq = wl.data(0, args.seq_size)
         self.buffer = bytearray(b"\xff") * len(self.seq)  # touched now: no read pays for faults
 
-    def steps(self, m: tg.Mounted) -> list[tuple[tuple[str, ...], Callable[[], dict[str, float]]]]:
+    def steps(self, m: tg.Mounted) -> list[Step]:
+        """Workloads in order, each with the metric keys it produces."""
         a, p = self.args, m.path
-        steps: list[tuple[tuple[str, ...], Callable[[], dict[str, float]]]] = [
+        steps: list[Step] = [
             (("seq_write",), lambda: wl.seq_write(p, self.seq)),
             (("seq_read_cold", "seq_read_warm"), lambda: wl.seq_read(p, self.seq, self.buffer)),
             (
