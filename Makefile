@@ -13,7 +13,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr 
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test lint format clean deploy
+.PHONY: help install system-packages demo test lint format clean deploy bench bench-quick gocryptfs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,6 +44,17 @@ test: install ## run the whole test suite (mounts real filesystems; root and /de
 
 deploy: install ## install system-wide and run SOURCE= MOUNTPOINT= NAME= [OPTIONS=] as stormfs@NAME, key from the environment
 	$(PY) tools/deploy.py --source "$(SOURCE)" --mountpoint "$(MOUNTPOINT)" --name "$(NAME)" --options "$(OPTIONS)"
+
+# gocryptfs is the encrypting filesystem the benchmark compares against.
+gocryptfs:
+	@dpkg -s gocryptfs >/dev/null 2>&1 || \
+	    (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y gocryptfs)
+
+bench: install gocryptfs ## benchmark raw / passthrough / gocryptfs / stormfs (BENCH_ARGS=...)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: install gocryptfs ## short benchmark smoke run (small sizes, one round)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
