@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Mount options (-o, comma-separated): allow_other, allow_root, "
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
         "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
-        "readahead_kb=KIB (kernel readahead for the mount, default 1024). "
+        "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
+        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )

@@ -55,6 +55,8 @@ class MountOptions:
     # FUSE mounts get the kernel's default 128 KiB readahead: every 128 KiB of a
     # sequential read costs one request.  1 MiB cuts the requests eightfold.
     readahead_kb: int = 1024
+    # Run metadata syscalls in threads too (for a SOURCE on a network filesystem).
+    metadata_threads: bool = False
 
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
@@ -65,6 +67,8 @@ class MountOptions:
                 name, _, value = item.partition("=")
                 if name in FUSE_OPTIONS and not value:
                     opts.fuse.add(name)
+                elif name == "metadata_threads" and not value:
+                    opts.metadata_threads = True
                 elif name == "key_file" and value:
                     opts.key_file = value
                 elif name in ("entry_timeout", "attr_timeout") and value:
@@ -124,7 +128,12 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     store = Store(source, keyring.current if keyring else None)
     try:
-        ops = Operations(store, entry_timeout=opts.entry_timeout, attr_timeout=opts.attr_timeout)
+        ops = Operations(
+            store,
+            entry_timeout=opts.entry_timeout,
+            attr_timeout=opts.attr_timeout,
+            metadata_threads=opts.metadata_threads,
+        )
         fuse_opts = {
             *opts.fuse,
             "default_permissions",
