@@ -6,17 +6,20 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STORMFS := $(VENV)/bin/stormfs
 # Debian packages: FUSE runtime and headers (pyfuse3 compiles against libfuse3),
-# and the real programs the test suite drives on a mount.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev attr fio rsync sqlite3 git tar psmisc
+# the real programs the test suite drives on a mount, python3-venv for the
+# system-wide install of `make deploy`, and systemd for systemctl and
+# systemd-analyze (the unit is verified by the tests).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test stress lint format clean
+.PHONY: help install system-packages demo test stress lint format clean deploy bench bench-quick gocryptfs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(SYS_STAMP):
+# Depends on the Makefile so that a package added to the list gets installed.
+$(SYS_STAMP): Makefile
 	@mkdir -p $(VENV)
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); \
@@ -42,6 +45,20 @@ test: install ## run the whole test suite (mounts real filesystems; root and /de
 stress: install ## long runs: 500 kill -9, fsx, fio, CPython's file tests on a mount, fuzzing
 	$(PY) -m pytest -q -s -m stress
 	$(PY) -m pytest -q tests/test_format.py --hypothesis-profile=stress
+
+deploy: install ## install system-wide and run SOURCE= MOUNTPOINT= NAME= [OPTIONS=] as stormfs@NAME, key from the environment
+	$(PY) tools/deploy.py --source "$(SOURCE)" --mountpoint "$(MOUNTPOINT)" --name "$(NAME)" --options "$(OPTIONS)"
+
+# gocryptfs is the encrypting filesystem the benchmark compares against.
+gocryptfs:
+	@dpkg -s gocryptfs >/dev/null 2>&1 || \
+	    (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y gocryptfs)
+
+bench: install gocryptfs ## benchmark raw / passthrough / gocryptfs / stormfs (BENCH_ARGS=...)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: install gocryptfs ## short benchmark smoke run (small sizes, one round)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .
