@@ -335,6 +335,7 @@ def test_recovery_replays_a_complete_redo_record(mount_factory: MountFactory, tm
     source = tmp_path / "src"
     source.mkdir()
     (source / "a").write_bytes(storm_cloud_envelope(key, b"old content " * 1000))
+    (source / "good").write_bytes(storm_cloud_envelope(key, b"lets the key check pass"))
     os.link(source / "a", source / "b")
     new = storm_cloud_envelope(key, b"new")
     inst = _dead_instance(source)
@@ -674,6 +675,7 @@ def test_tampered_envelope_is_named_in_log_once_per_version(mount_factory, tmp_p
     else:
         env += b"\0"
     (source / "dir" / "doc.bin").write_bytes(env)
+    (source / "good").write_bytes(storm_cloud_envelope(key, b"lets the key check pass"))
     m = mount_factory(source)
     for _ in range(3):
         assert _errno_of(lambda: (m.mnt / "dir" / "doc.bin").read_bytes()) == errno.EIO
