@@ -210,7 +210,9 @@ class Operations(pyfuse3.Operations):
         reader = node.reader
         if reader is not None:
             now, held = os.lstat(path), os.fstat(reader.fd)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) or node.looked_up:
+                # The same file; or a lookup just gave the kernel this node (the name
+                # moved on since, an instant ago): open the version its handles read.
                 return reader
             # Replaced behind the mount while handles read the old file through this
             # node (and its page cache).  Switching would mix the versions under them:
@@ -285,6 +287,7 @@ class Operations(pyfuse3.Operations):
         st, size, _ = await self._meta(self.store.stat, path)
         node = self.table.bind(parent_inode, name, st)
         node.lookups += 1
+        node.looked_up = True
         return self._attrs(node, st, size)
 
     @_boundary
@@ -560,6 +563,7 @@ class Operations(pyfuse3.Operations):
             if node.working is None:
                 path = self.table.path(node)
                 node.reader = await self._meta(self._fresh_reader, node, path)
+                node.looked_up = False
                 st = await self._meta(os.fstat, node.reader.fd)
                 # The name may hold another file than the node last knew (replaced behind
                 # the mount): key the node by the file it serves now, so that the stale

@@ -48,6 +48,9 @@ class Node:
     mtime_ns: int = 0  # of the last write while dirty
     # Backing identity when the kernel's page cache was last known to match it.
     cached: Identity | None = None
+    # A lookup returned this node since its last open: the kernel's idea of the name
+    # is as fresh as that lookup.
+    looked_up: bool = False
 
     @property
     def is_dir(self) -> bool:
