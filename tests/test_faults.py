@@ -108,9 +108,6 @@ class Writer(threading.Thread):
         while view:
             view = view[os.write(fd, view[: 256 << 10]) :]
 
-    def _close(self, fd: int) -> None:
-        os.close(fd)
-
     # ---- operations: each has exactly one commit point, or says where its others are --
 
     def rewrite(self, name: str = "rewrite") -> None:
@@ -120,7 +117,7 @@ class Writer(threading.Thread):
         try:
             self._write_all(fd, new)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack(name, new)
 
     def patch(self, name: str = "patch", path: str | None = None) -> None:
@@ -134,7 +131,7 @@ class Writer(threading.Thread):
         try:
             os.pwrite(fd, data, off)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack(name, new)
 
     def append(self) -> None:
@@ -146,7 +143,7 @@ class Writer(threading.Thread):
         try:
             self._write_all(fd, data)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack("append", old + data)
 
     def truncate(self) -> None:
@@ -170,7 +167,7 @@ class Writer(threading.Thread):
         try:
             self._write_all(fd, new)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack("linked", new)
 
     def atomic_save(self) -> None:
@@ -186,7 +183,7 @@ class Writer(threading.Thread):
         try:
             self._write_all(fd, new)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack("saved.tmp", new)
         self.v.begin("saved", new)
         self.v.begin("saved.tmp", None)
@@ -206,7 +203,7 @@ class Writer(threading.Thread):
             self.v.begin("synced", first + second)
             self._write_all(fd, second)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack("synced", first + second)
 
     def create(self) -> None:
@@ -221,7 +218,7 @@ class Writer(threading.Thread):
         try:
             self._write_all(fd, new)
         finally:
-            self._close(fd)
+            os.close(fd)
         self.v.ack(name, new)
 
     def remove(self) -> None:
