@@ -96,9 +96,10 @@ def fio(*args: str, timeout: int) -> list[list[str]]:
     return [line.split(";") for line in done.stdout.splitlines() if line.startswith("3;")]
 
 
-def fio_jobs(directory: Path, *, size: str, jobs: int, loops: int) -> list[str]:
+def fio_jobs(directory: Path, *, size: str, jobs: int, loops: int, fsync_every: int) -> list[str]:
     """Writers on files of their own and on one shared file (a region each), verified
-    after writing; readers verify a file set written before, all at the same time."""
+    after writing; readers verify a file set written before, all at the same time.
+    Each fsync commits the whole shared file (one envelope): `fsync_every` writes."""
     common = [
         f"--directory={directory}",
         "--bsrange=512-64k",
@@ -121,7 +122,7 @@ def fio_jobs(directory: Path, *, size: str, jobs: int, loops: int) -> list[str]:
         f"--size={size}",
         f"--offset_increment={size}",
         "--do_verify=1",
-        "--fsync=16",
+        f"--fsync={fsync_every}",
         "--name=readers",
         "--filename=prewritten.bin",
         "--rw=randwrite",
@@ -132,7 +133,7 @@ def fio_jobs(directory: Path, *, size: str, jobs: int, loops: int) -> list[str]:
     ]
 
 
-def run_fio(m: Mount, *, size: str, jobs: int, loops: int, timeout: int) -> None:
+def run_fio(m: Mount, *, size: str, jobs: int, loops: int, fsync_every: int, timeout: int) -> None:
     # the file the readers verify, written first with the same layout
     fio(
         f"--directory={m.mnt}",
@@ -147,7 +148,10 @@ def run_fio(m: Mount, *, size: str, jobs: int, loops: int, timeout: int) -> None
         "--do_verify=1",
         timeout=timeout,
     )
-    jobs_done = fio(*fio_jobs(m.mnt, size=size, jobs=jobs, loops=loops), timeout=timeout)
+    jobs_done = fio(
+        *fio_jobs(m.mnt, size=size, jobs=jobs, loops=loops, fsync_every=fsync_every),
+        timeout=timeout,
+    )
     assert len(jobs_done) == 3 * jobs
     for fields in jobs_done:
         assert fields[4] == "0", f"fio job {fields[2]} reported error {fields[4]}"
@@ -160,13 +164,13 @@ def run_fio(m: Mount, *, size: str, jobs: int, loops: int, timeout: int) -> None
 
 @pytest.mark.timeout(600)
 def test_fio_parallel_verify_short(mounted: Mount):
-    run_fio(mounted, size="3m", jobs=3, loops=1, timeout=500)
+    run_fio(mounted, size="3m", jobs=3, loops=1, fsync_every=16, timeout=500)
 
 
 @pytest.mark.stress
 @pytest.mark.timeout(3600)
 def test_fio_parallel_verify_long(mounted: Mount):
-    run_fio(mounted, size="48m", jobs=4, loops=3, timeout=3500)
+    run_fio(mounted, size="32m", jobs=4, loops=2, fsync_every=500, timeout=3500)
 
 
 # ---- CPython's own file-system tests on a mount ------------------------------------------
