@@ -9,13 +9,13 @@ import os
 import resource
 import sys
 
-from . import __version__, keycheck, keys
+from . import __version__, audit, keycheck, keys, migrate
 from .daemon import MountError, MountOptions, check_paths, serve
 from .exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "keygen")
+COMMANDS = ("mount", "keygen", "audit", "encrypt")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
     p.set_defaults(func=_keygen)
+    audit.register(sub)
+    migrate.register(sub)
     return parser
 
 

@@ -237,7 +237,7 @@ class Store:
         old = os.lstat(path)
         if not stat.S_ISREG(old.st_mode):
             raise OSError(errno.EISDIR if stat.S_ISDIR(old.st_mode) else errno.EINVAL, path)
-        _copy_metadata(path, old, temp.fd)
+        copy_metadata(path, old, temp.fd)
         if self.key is not None and nonce is not None:
             _set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
         if times is not None:
@@ -395,7 +395,7 @@ def _copy_xattrs(
             log.debug("extended attribute %s not carried over: %s", name, e.strerror)
 
 
-def _copy_metadata(path: bytes, old: os.stat_result, fd: int) -> None:
+def copy_metadata(path: bytes, old: os.stat_result, fd: int) -> None:
     """Mode, owner and extended attributes of the current version onto the new one."""
     if os.geteuid() == 0:
         os.fchown(fd, old.st_uid, old.st_gid)
