@@ -249,7 +249,12 @@ class Migrator:
 
     def _encrypt(self, job: Job, counted: list[int]) -> Outcome:
         first = os.path.join(self.root, job.names[0])
-        fd = open_readonly(first)
+        try:
+            fd = open_readonly(first)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise
+            return Outcome(None, "unreadable", describe(e))
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import TextIO
@@ -25,6 +26,14 @@ def human_duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _terminal_width(stream: TextIO) -> int:
+    """Columns of the terminal `stream` writes to; 0 when it is no (sized) terminal."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
 class Progress:
     """Files and bytes done out of a known total; safe to call from worker threads."""
 
@@ -39,7 +48,7 @@ class Progress:
         self._lock = threading.Lock()
         self._next_line = self.start + PLAIN_INTERVAL
         self._bar: tqdm | None = None
-        if stream.isatty():
+        if _terminal_width(stream) > 0:
             self._bar = tqdm(
                 total=total_bytes,
                 unit="B",
