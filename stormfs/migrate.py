@@ -46,6 +46,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import secrets
 import signal
 import stat
@@ -71,14 +72,17 @@ TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 STATE_SUBDIR = b"encrypt"
 JOURNAL_PREFIX = "links-"
 CHUNK = 1 << 20
-DEFAULT_JOBS = 8
+DEFAULT_JOBS = 4
 ATTEMPTS = 3
 RETRY_DELAY = 0.5
 # A batch of sealed files is swapped in once it has this many files or bytes,
 # once its oldest file has waited this long, or when nothing else is coming.
-BATCH_FILES = 128
-BATCH_BYTES = 256 << 20
-BATCH_AGE = 0.25
+BATCH_FILES = 512
+BATCH_BYTES = 512 << 20
+BATCH_AGE = 2.0
+FDS_PER_FILE = 2
+# How often files waiting in a batch are checked for a writer waiting on them.
+POLL = 0.1
 RETRYABLE = ("changed", "busy", "hard_links")
 RENAME_EXCHANGE = 2
 SYNC_FILE_RANGE_WRITE = 2
@@ -286,7 +290,7 @@ class Migrator:
                 if not (pending or batch or committing):
                     return
                 waiting = {*pending, *committing}
-                for fut in wait(waiting, BATCH_AGE, FIRST_COMPLETED).done & pending.keys():
+                for fut in wait(waiting, POLL, FIRST_COMPLETED).done & pending.keys():
                     job = pending.pop(fut)
                     result = fut.result()
                     if isinstance(result, Sealed):
@@ -830,6 +834,11 @@ def _encrypt_all(args: argparse.Namespace, root: bytes, key: keys.Key, state_fd:
     # A lease break is announced with SIGIO, whose default action kills the
     # process; the break itself is seen by polling F_GETLEASE.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
+    # Each file waiting in a batch holds its original and its directories open.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FDS_PER_FILE * BATCH_FILES * 3
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     started = time.monotonic()
     problems, keep_holds = recover_journals(root, state_fd)
     p = plan(root, args.jobs)
