@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Reads and writes up to this size cost less than a thread hop (170-400 us here)
+# when the page cache has the data, so they run inline like metadata calls.
+INLINE_IO = 64 << 10
+
 XATTR_METHOD = "user.stormfs.encryption_method"
 XATTR_SIZE = "user.stormfs.encrypted_size"
 XATTR_KEY_ID = "user.stormfs.key_id"
@@ -131,6 +135,12 @@ class Operations(pyfuse3.Operations):
         if self._metadata_threads:
             return await self._run(fn, *args)
         return fn(*args)
+
+    async def _io(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """Data transfer: a small one like a metadata call, a large one in a thread."""
+        if nbytes <= INLINE_IO:
+            return await self._meta(fn, *args)
+        return await self._run(fn, *args)
 
     def _new_fh(self, handle: Handle | DirHandle) -> int:
         fh = self._next_fh
@@ -541,7 +551,7 @@ class Operations(pyfuse3.Operations):
                 node.cached = ident
                 if isinstance(node.reader, EnvelopeReader) and not flags & os.O_TRUNC:
                     # A damaged file fails at open, even one whose plaintext is empty.
-                    await self._run(node.reader.verify)
+                    await self._io(node.reader.size, node.reader.verify)
             else:
                 keep = True
             if flags & os.O_TRUNC and writable:
@@ -559,14 +569,14 @@ class Operations(pyfuse3.Operations):
             source = node.working or node.reader
             if source is None:
                 raise OSError(errno.EBADF, "file is not open")
-            return await self._run(source.read, off, size)
+            return await self._io(size, source.read, off, size)
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._handle(fh).node
         async with node.lock:
             try:
-                await self._run(self._working(node).write, off, buf)
+                await self._io(len(buf), self._working(node).write, off, buf)
             except BaseException:
                 node.cached = None
                 raise
