@@ -6,18 +6,21 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STORMFS := $(VENV)/bin/stormfs
 # Debian packages: FUSE runtime and headers (pyfuse3 compiles against libfuse3),
-# and the real programs the test suite drives on a mount.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev attr fio rsync sqlite3 git tar psmisc
+# the real programs the test suite drives on a mount, python3-venv for the
+# system-wide install of `make deploy`, and systemd for systemctl and
+# systemd-analyze (the unit is verified by the tests).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test lint format clean
-.PHONY: encrypt-audit encrypt-files bench-encrypt
+.PHONY: help install system-packages demo test lint format clean deploy bench bench-quick gocryptfs
+.PHONY: encrypt-audit encrypt-files
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(SYS_STAMP):
+# Depends on the Makefile so that a package added to the list gets installed.
+$(SYS_STAMP): Makefile
 	@mkdir -p $(VENV)
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); \
@@ -43,11 +46,22 @@ encrypt-audit: install ## SOURCE=DIR: count files encrypted / needing encryption
 encrypt-files: install ## SOURCE=DIR: encrypt every legacy file in place, with progress (ARGS=--dry-run)
 	@tools/encrypt-files.sh "$(SOURCE)" $(ARGS)
 
-bench-encrypt: install ## throughput of `stormfs encrypt` against `cp -a` of the same tree
-	$(PY) tools/bench_encrypt.py $(ARGS)
-
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q
+
+deploy: install ## install system-wide and run SOURCE= MOUNTPOINT= NAME= [OPTIONS=] as stormfs@NAME, key from the environment
+	$(PY) tools/deploy.py --source "$(SOURCE)" --mountpoint "$(MOUNTPOINT)" --name "$(NAME)" --options "$(OPTIONS)"
+
+# gocryptfs is the encrypting filesystem the benchmark compares against.
+gocryptfs:
+	@dpkg -s gocryptfs >/dev/null 2>&1 || \
+	    (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y gocryptfs)
+
+bench: install gocryptfs ## benchmark raw / passthrough / gocryptfs / stormfs (BENCH_ARGS=...)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: install gocryptfs ## short benchmark smoke run (small sizes, one round)
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -6,16 +6,15 @@ import argparse
 import logging
 import logging.handlers
 import os
-import resource
 import sys
 
-from . import __version__, audit, keycheck, keys, migrate
+from . import __version__, audit, hygiene, keycheck, keys, migrate, notify
 from .daemon import MountError, MountOptions, check_paths, serve
 from .exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "keygen", "audit", "encrypt")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -42,11 +41,6 @@ def _setup_logging(log_file: str | None, *, debug: bool, background: bool) -> No
     root.addHandler(handler)
 
 
-def _harden() -> None:
-    """No core dumps: they would hold the key and plaintext."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def _mount(args: argparse.Namespace) -> int:
     try:
         opts = MountOptions.parse(args.options or [])
@@ -54,21 +48,26 @@ def _mount(args: argparse.Namespace) -> int:
     except MountError as e:
         _err(str(e))
         return USAGE
+    # Before the key is read: no core dump may ever hold it (or plaintext).
+    hygiene.disable_core_dumps()
     try:
         keyring = keys.load_keyring(key_file=args.key_file or opts.key_file, environ=os.environ)
     except keys.InvalidKey as e:
         _err(str(e))
         return USAGE
+    hygiene.scrub_key_environment()
     try:
         keycheck.preflight(source, keyring, echo=lambda line: print(line, file=sys.stderr))
     except keycheck.SafetyError as e:
         print(e.message, file=sys.stderr)
         return e.exit_code or KEY_SAFETY
-    _harden()
+    except OSError as e:
+        _err(f"cannot check the key against {source}: {e}")
+        return MOUNT_FAILED
     if args.foreground:
         _setup_logging(args.log_file, debug=args.debug, background=False)
         try:
-            serve(source, mountpoint, keyring, opts, ready=lambda: None)
+            serve(source, mountpoint, keyring, opts, ready=lambda: _notify_ready(mountpoint))
         except MountError as e:
             _err(str(e))
             return MOUNT_FAILED
@@ -121,6 +120,36 @@ def _daemonize(
     return MOUNT_FAILED
 
 
+def _notify_ready(mountpoint: str) -> None:
+    """Tell systemd (Type=notify) that the mount answers; a no-op elsewhere."""
+    try:
+        notify.ready(f"mounted {mountpoint}")
+    except OSError as e:
+        log.warning("could not notify the service manager: %s", e)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Load the key as the mount would and run the safety checks, nothing more."""
+    try:
+        keyring = keys.load_keyring(key_file=args.key_file, environ=os.environ)
+    except keys.InvalidKey as e:
+        _err(str(e))
+        return USAGE
+    try:
+        mode = keycheck.preflight(args.source, keyring, echo=print)
+    except keycheck.SafetyError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        _err(f"{args.source}: {e.strerror or e}")
+        return USAGE
+    if mode is keycheck.Mode.PASSTHROUGH or keyring is None:
+        print(f"OK: {args.source} can be mounted as a plain pass-through (no key)")
+    else:
+        print(f"OK: {args.source} can be mounted encrypted with key id {keyring.current.key_id}")
+    return OK
+
+
 def _keygen(args: argparse.Namespace) -> int:
     print(keys.generate_key())
     return OK
@@ -141,11 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a plaintext view of the storage directory SOURCE on MOUNTPOINT. "
         "Files written through the mount land in SOURCE as AES-256-GCM envelopes; legacy "
         "plaintext files in SOURCE are served as they are. Without --foreground the command "
-        "returns once the mount answers. The key comes from --key-file, -o key_file=, or "
+        "returns once the mount answers. The key comes from --key-file, -o key_file=, "
+        f"$CREDENTIALS_DIRECTORY/{keys.CREDENTIAL_NAME} (systemd LoadCredential=) or "
         f"${keys.ENV_KEY}; its id from ${keys.ENV_KEY_ID} (default 1).",
         epilog="Mount options (-o, comma-separated): allow_other, allow_root, "
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
-        "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1). "
+        "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
+        "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
+        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )
@@ -161,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="log at debug level")
     p.set_defaults(func=_mount)
+
+    p = sub.add_parser(
+        "check",
+        help="run the key safety checks on SOURCE, as a mount would, without mounting",
+        description="Load the key (--key-file, $CREDENTIALS_DIRECTORY/stormfs.key or "
+        f"${keys.ENV_KEY}) and run the key safety checks on SOURCE. Records the key "
+        "check the first time a key is used on SOURCE.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--key-file", metavar="PATH", help="read the key from PATH (mode 0600)")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
     p.set_defaults(func=_keygen)

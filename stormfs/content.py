@@ -48,23 +48,14 @@ class LRU(OrderedDict):
 
 
 class Reader(Protocol):
-    size: int
+    fd: int  # the backing file, open for reading
+    size: int  # plaintext size
 
     def read(self, offset: int, n: int) -> bytes:
         """Up to `n` bytes at `offset`; short only at end of file."""
         ...
 
     def close(self) -> None: ...
-
-
-class EmptyReader:
-    size = 0
-
-    def read(self, offset: int, n: int) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
 
 class PlainReader:
@@ -81,17 +72,20 @@ class PlainReader:
         os.close(self.fd)
 
 
+FAILED = b""  # a remembered verdict: the envelope does not authenticate
+
+
 class Verdicts:
-    """Backing-file identity -> nonce of an envelope whose tag verified, or None if it failed."""
+    """Backing-file identity -> nonce of an envelope whose tag verified, or FAILED."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self._cache: LRU = LRU(capacity)
 
-    def get(self, ident: Identity) -> bytes | bool | None:
-        """The remembered nonce, None for a remembered failure, False if unknown."""
-        return self._cache.get(ident, False)
+    def get(self, ident: Identity) -> bytes | None:
+        """The remembered nonce, FAILED, or None when this file was never verified."""
+        return self._cache.get(ident)
 
-    def put(self, ident: Identity, nonce: bytes | None) -> None:
+    def put(self, ident: Identity, nonce: bytes) -> None:
         self._cache.put(ident, nonce)
 
 
@@ -132,9 +126,9 @@ class EnvelopeReader:
         if self.nonce is not None:
             return self.nonce
         known = self.verdicts.get(self.ident)
-        if known is None:
+        if known == FAILED:
             raise fmt.DecryptionFailed(self.name)
-        if known is False:
+        if known is None:
             pos = [0]
 
             def read(n: int) -> bytes:
@@ -145,7 +139,7 @@ class EnvelopeReader:
             try:
                 known = fmt.verify_stream(self.key, read, self.ident.size)
             except fmt.DecryptionFailed:
-                self.verdicts.put(self.ident, None)
+                self.verdicts.put(self.ident, FAILED)
                 log.error("DECRYPTION_FAILED: %s", self.name)
                 raise fmt.DecryptionFailed(self.name) from None
             if Identity.of(os.fstat(self.fd)) != self.ident:

@@ -8,6 +8,11 @@ rewrites.
 
 A node knows its names as (parent inode, name) links; its path is found by
 walking parents, so renaming a directory needs no update of its descendants.
+
+When another program replaces a name behind the mount, the name is bound to a
+new node.  A node that is still open keeps the name as a *shadow* link, so
+that its next commit lands there (the last writer wins) instead of being
+dropped; an unlink or rename of that name through the mount clears shadows.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class InodeTable:
         self._nodes: dict[int, Node] = {self.root.inode: self.root}
         self._by_key: dict[BackingKey, Node] = {self.root.key: self.root}
         self._by_link: dict[Link, Node] = {}
+        self._shadows: dict[Link, set[Node]] = {}
         self._next = pyfuse3.ROOT_INODE + 1
 
     def __iter__(self):
@@ -97,31 +103,39 @@ class InodeTable:
             self._nodes[node.inode] = node
             self._by_key[key] = node
         link = (parent, name)
-        if self._by_link.get(link) is not node:
-            self.unlink(parent, name)
+        previous = self._by_link.get(link)
+        if previous is not node:
+            if previous is not None:
+                del self._by_link[link]
+                if previous.opens > 0 or previous.working is not None:
+                    self._shadows.setdefault(link, set()).add(previous)
+                else:
+                    previous.links.pop(link, None)
             node.links[link] = None
             self._by_link[link] = node
         return node
 
     def unlink(self, parent: int, name: bytes) -> Node | None:
-        node = self._by_link.pop((parent, name), None)
+        link = (parent, name)
+        for shadow in self._shadows.pop(link, ()):
+            shadow.links.pop(link, None)
+        node = self._by_link.pop(link, None)
         if node is not None:
-            node.links.pop((parent, name), None)
+            node.links.pop(link, None)
         return node
 
     def move(self, old: Link, new: Link) -> None:
-        node = self._by_link.pop(old, None)
+        node = self._by_link.get(old)
+        self.unlink(*old)
         self.unlink(*new)
         if node is not None:
-            node.links.pop(old, None)
             node.links[new] = None
             self._by_link[new] = node
 
     def exchange(self, a: Link, b: Link) -> None:
-        na, nb = self._by_link.pop(a, None), self._by_link.pop(b, None)
-        for node, old in ((na, a), (nb, b)):
-            if node is not None:
-                node.links.pop(old, None)
+        na, nb = self._by_link.get(a), self._by_link.get(b)
+        self.unlink(*a)
+        self.unlink(*b)
         for node, new in ((na, b), (nb, a)):
             if node is not None:
                 node.links[new] = None
@@ -152,4 +166,9 @@ class InodeTable:
         for link in node.links:
             if self._by_link.get(link) is node:
                 del self._by_link[link]
+            shadows = self._shadows.get(link)
+            if shadows is not None:
+                shadows.discard(node)
+                if not shadows:
+                    del self._shadows[link]
         node.links.clear()

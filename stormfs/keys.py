@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +21,11 @@ from . import format as fmt
 ENV_KEY = "STORMCLOUD_ENCRYPTION_KEY"
 ENV_KEY_ID = "STORMCLOUD_ENCRYPTION_KEY_ID"
 DEFAULT_KEY_ID = "1"
+# systemd's LoadCredential= puts the key at $CREDENTIALS_DIRECTORY/stormfs.key.
+ENV_CREDENTIALS = "CREDENTIALS_DIRECTORY"
+CREDENTIAL_NAME = "stormfs.key"
+# A key file holds one base64url line; anything much larger is not a key.
+MAX_KEY_FILE_SIZE = 4096
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -94,15 +101,61 @@ class Keyring:
 
 
 def load_keyring(*, key_file: str | None, environ: Mapping[str, str]) -> Keyring | None:
-    """The configured key (key file first, then the environment), or None if there is none."""
+    """The configured key, from the first source that has one:
+
+    1. ``key_file`` (``--key-file PATH`` or ``-o key_file=PATH``),
+    2. the systemd credential ``$CREDENTIALS_DIRECTORY/stormfs.key``,
+    3. ``$STORMCLOUD_ENCRYPTION_KEY``.
+
+    The key id comes from ``$STORMCLOUD_ENCRYPTION_KEY_ID`` (default ``1``).
+    An empty variable counts as unset (a compose file that passes through an
+    unset variable leaves it empty).  Returns None when no source holds a key.
+    Raises InvalidKey, naming the source but never its content, when the
+    chosen source is unusable.
+    """
+    key_id = parse_key_id(environ.get(ENV_KEY_ID))
     if key_file is not None:
-        try:
-            with open(key_file, encoding="ascii", errors="replace") as f:
-                text = f.read()
-        except OSError as e:
-            raise InvalidKey(f"cannot read key file {key_file}: {e.strerror}") from None
+        text, source = read_key_file(key_file), f"key file {key_file}"
+    elif environ.get(ENV_CREDENTIALS) and os.path.lexists(
+        path := os.path.join(environ[ENV_CREDENTIALS], CREDENTIAL_NAME)
+    ):
+        text, source = read_key_file(path), f"credential {path}"
     elif environ.get(ENV_KEY, "").strip():
-        text = environ[ENV_KEY]
+        text, source = environ[ENV_KEY], f"${ENV_KEY}"
     else:
         return None
-    return Keyring(Key(parse_key_id(environ.get(ENV_KEY_ID)), parse_key(text)))
+    try:
+        material = parse_key(text)
+    except InvalidKey as e:
+        raise InvalidKey(f"{source}: {e}") from None
+    return Keyring(Key(key_id, material))
+
+
+def read_key_file(path: str) -> str:
+    """The text of a key file that only its owner can access."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidKey(f"cannot open key file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidKey(f"key file {path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            access = "readable" if mode & 0o044 else "writable"
+            raise InvalidKey(
+                f"key file {path} is {access} by group or others (mode {mode:04o}); "
+                f"restrict it with: chmod 600 {path}"
+            )
+        data = os.read(fd, MAX_KEY_FILE_SIZE + 1)
+    except OSError as e:
+        raise InvalidKey(f"cannot read key file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_SIZE:
+        raise InvalidKey(f"key file {path} is too large to hold a key")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidKey(f"key file {path}: the encryption key is not base64url") from None

@@ -71,6 +71,7 @@ from .store import KEY_ID_XATTR, LOCAL_TMP_PREFIX, STATE_DIR, copy_metadata
 TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 STATE_SUBDIR = b"encrypt"
 JOURNAL_PREFIX = "links-"
+PART_SUFFIX = ".part"
 CHUNK = 1 << 20
 DEFAULT_JOBS = 4
 ATTEMPTS = 3
@@ -453,13 +454,15 @@ class Migrator:
             ],
         }
         name = f"{JOURNAL_PREFIX}{holds[0].decode()}.json"
+        part = name + PART_SUFFIX  # a killed run never leaves half a record under `name`
         fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.state_fd
+            part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.state_fd
         )
         try:
             os.write(fd, json.dumps(record).encode())
         finally:
             os.close(fd)
+        os.rename(part, name, src_dir_fd=self.state_fd, dst_dir_fd=self.state_fd)
         return name
 
     # ---- swapping in (main thread) --------------------------------------------
@@ -607,12 +610,18 @@ def recover_journals(root: bytes, state_fd: int) -> tuple[list[tuple[bytes, str,
     problems = []
     keep_holds: set[bytes] = set()
     for name in sorted(os.listdir(state_fd)):
-        if not (name.startswith(JOURNAL_PREFIX) and name.endswith(".json")):
+        if not name.startswith(JOURNAL_PREFIX):
             continue
-        with open(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=state_fd), "rb") as f:
-            rec = json.load(f)
-        pairs = [(os.fsencode(n), os.fsencode(h)) for n, h in rec["pairs"]]
-        original, envelope = rec["original"], rec["envelope"]
+        try:
+            with open(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=state_fd), "rb") as f:
+                rec = json.load(f)
+            pairs = [(os.fsencode(n), os.fsencode(h)) for n, h in rec["pairs"]]
+            original, envelope = rec["original"], rec["envelope"]
+        except (ValueError, KeyError, TypeError):
+            # Unfinished, or lost with a power cut before its batch's first sync:
+            # either way no name of its group was swapped yet.
+            os.unlink(name, dir_fd=state_fd)
+            continue
         o_ino, t_ino = (original[0], original[1]), (envelope[0], envelope[1])
         if _unchanged(root, pairs, envelope):
             keep, drop = o_ino, t_ino
@@ -764,7 +773,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_JOBS,
         metavar="N",
-        help=f"files encrypted at once (default {DEFAULT_JOBS}: fsyncs overlap)",
+        help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=run)
 
@@ -804,6 +813,9 @@ def run(args: argparse.Namespace) -> int:
     except keycheck.SafetyError as e:
         print(e.message, file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        _err(f"{source}: {e.strerror or e}")
+        return USAGE
     with _exclusive(root) as state_fd:
         if state_fd is None:
             _err(f"another stormfs encrypt is running on {source}")

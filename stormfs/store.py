@@ -224,30 +224,34 @@ class Store:
         nonce: bytes | None,
         *,
         durable: bool,
-        times: tuple[int, int] | None = None,
+        times: tuple[int | None, int] | None = None,
     ) -> Reader:
         """Make `temp` (complete, not yet synced) the content of `path`, atomically.
 
         Metadata (mode, owner, extended attributes) is carried over from the
         current file.  A file with several hard links is rewritten in place under
         a redo record, so that every name sees the new content.  `durable` also
-        syncs the directory, so the new version survives power loss.
+        syncs the directory, so the new version survives power loss.  `times`
+        gives (atime, mtime) in ns, atime None for the current file's.
         Returns a reader of the new version; `temp` is consumed on success.
         """
         old = os.lstat(path)
         if not stat.S_ISREG(old.st_mode):
             raise OSError(errno.EISDIR if stat.S_ISDIR(old.st_mode) else errno.EINVAL, path)
+        ns = (
+            None if times is None else (old.st_atime_ns if times[0] is None else times[0], times[1])
+        )
         copy_metadata(path, old, temp.fd)
         if self.key is not None and nonce is not None:
             _set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
-        if times is not None:
-            os.utime(temp.fd, ns=times)
+        if ns is not None:
+            os.utime(temp.fd, ns=ns)
         os.fsync(temp.fd)
         parent, name = os.path.split(path)
         dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if old.st_nlink > 1:
-                reader = self._rewrite_in_place(temp, path, old, nonce, times)
+                reader = self._rewrite_in_place(temp, path, old, nonce, ns)
                 temp.discard()
             else:
                 self._rename_into(temp, dir_fd, name, old.st_dev)

@@ -3,6 +3,10 @@
 Every mount is taken down in teardown, even when the test failed: SIGTERM, then
 SIGKILL after a deadline, then `fusermount3 -u -z`.  A daemon that dies or never
 answers fails the test with its log instead of hanging the suite.
+
+Key material must never reach any output: each test's captured stdout, stderr
+and log, its failure report and every daemon log are scanned for every key
+the suite made (see keyscan.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stormfs import keys
+
+from .keyscan import leaked_in, new_key
 
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
@@ -83,9 +89,34 @@ class Mount:
 MountFactory = Callable[..., Mount]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    outcome = yield
+    report = outcome.get_result()
+    # A report carries the sections of earlier phases too: each phase is
+    # judged on its own output, and leaked text is withheld wherever it shows.
+    leaked = {name for name, text in report.sections if leaked_in(text)}
+    places = [name for name in leaked if name.endswith(f" {report.when}")]
+    if report.longrepr is not None and leaked_in(str(report.longrepr)):
+        places.append("the failure report")
+    if places:
+        report.outcome = "failed"
+        report.longrepr = f"key material appeared in: {', '.join(sorted(places))}"
+    report.sections = [
+        (name, "[withheld: contains key material]" if name in leaked else text)
+        for name, text in report.sections
+    ]
+
+
 @pytest.fixture
 def key() -> str:
-    return keys.generate_key()
+    return new_key()
+
+
+@pytest.fixture(scope="session")
+def destdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch root that `make deploy` installs into (see deployment.py)."""
+    return tmp_path_factory.mktemp("destdir")
 
 
 @pytest.fixture
@@ -133,6 +164,8 @@ def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
     yield start
     for m in mounts:
         m.stop()
+    logs = [m.log.name for m in mounts if leaked_in(m.logtext())]
+    assert not logs, f"key material appeared in daemon logs: {logs}"
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 from stormfs import format as fmt
 from stormfs import keys, migrate
-from stormfs.exitcodes import BUSY, ISSUES_FOUND, OK, USAGE, WORK_TO_DO
+from stormfs.exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 
 from .trees import leftovers, make_mixed, plain_decrypt, run_json, snapshot, stormfs, write
 
@@ -45,6 +45,19 @@ def test_key_errors(tmp_path: Path, key: str):
     assert (src / "a").read_bytes() == b"legacy"
 
 
+def test_wrong_key_is_refused_before_any_change(tmp_path: Path, key: str):
+    """The mount's key safety check runs first: envelopes under another key block the run."""
+    src = tmp_path / "src"
+    other = keys.generate_key()
+    write(src / "enc", fmt.seal(keys.parse_key(other), b"written with the other key"))
+    write(src / "legacy", b"legacy")
+    before = snapshot(src, atime=False)  # the check reads envelopes, as at every mount
+    r = stormfs("encrypt", str(src), "--force", key=key)
+    assert r.returncode == KEY_SAFETY
+    assert "FATAL: Encryption key mismatch detected!" in r.stderr
+    assert snapshot(src, atime=False) == before
+
+
 def test_dry_run_changes_nothing(tmp_path: Path, key: str):
     src = tmp_path / "src"
     tree = make_mixed(src, key)
@@ -53,7 +66,7 @@ def test_dry_run_changes_nothing(tmp_path: Path, key: str):
     rc, report = run_json("encrypt", str(src), "--dry-run", key=key)
     assert rc == WORK_TO_DO
     assert snapshot(src) == before  # bytes, inodes, modes, owners, all three times, xattrs
-    assert not (src / ".stormfs" / "encrypt").exists()
+    assert sorted(os.listdir(src / ".stormfs")) == ["state-of-the-daemon"]
     assert report["dry_run"] is True
     assert report["would_encrypt"] == len(tree["legacy"])
     assert report["encrypted_now"] == 0
@@ -106,10 +119,11 @@ def test_metadata_is_kept(tmp_path: Path, key: str):
     f.chmod(0o2741)
     os.setxattr(f, "user.color", b"blue")
     os.setxattr(f, "user.stormfs.key_id", b"stale-value")
-    os.utime(f, ns=(1_111_111_111_222_333_444, 1_234_567_890_123_456_789))
-    os.utime(src / "dir", ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
     data = f.read_bytes()
-    os.utime(f, ns=(1_111_111_111_222_333_444, 1_234_567_890_123_456_789))
+    # The key check, once recorded, reads no file: only encrypt touches this one now.
+    assert stormfs("check", str(src), key=key).returncode == OK
+    atime = 1_111_111_111_222_333_444
+    os.utime(f, ns=(atime, 1_234_567_890_123_456_789))
     key_id_env = {keys.ENV_KEY_ID: "k7"}
     r = stormfs("encrypt", str(src), "--force", key=key, env=key_id_env)
     assert r.returncode == OK, r.stderr
@@ -117,7 +131,7 @@ def test_metadata_is_kept(tmp_path: Path, key: str):
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mode & 0o7777 == 0o2741
     assert st.st_mtime_ns == 1_234_567_890_123_456_789
-    assert st.st_atime_ns == 1_111_111_111_222_333_444
+    assert st.st_atime_ns == atime
     assert os.getxattr(f, "user.color") == b"blue"
     assert os.getxattr(f, "user.stormfs.key_id") == b"k7"
     assert plain_decrypt(key, f.read_bytes()) == data
@@ -242,10 +256,14 @@ def test_stale_temporary_files_are_removed(tmp_path: Path, key: str):
     write(src / "a", b"legacy")
     write(src / "d/.stormfs-tmp-enc-deadbeef-7", b"left by a killed run")
     write(src / "d/.stormfs-tmp-0123456789abcdef", b"a daemon's: not ours")
+    # journals of a run killed while writing them (before any of their names moved)
+    write(src / ".stormfs/encrypt/links-.stormfs-tmp-enc-deadbeef-8.json", b"")
+    write(src / ".stormfs/encrypt/links-.stormfs-tmp-enc-deadbeef-9.json.part", b'{"orig')
     rc, report = run_json("encrypt", str(src), "--force", key=key)
     assert rc == OK
     assert report["stale_temp_files"] == 1
     assert leftovers(src) == []
+    assert not list((src / ".stormfs/encrypt").glob("links-*"))
     assert (src / "d/.stormfs-tmp-0123456789abcdef").exists()
 
 

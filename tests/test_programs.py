@@ -108,7 +108,7 @@ def test_git_init_add_commit_log(mounted: Mount, sample_tree: Path):
 
 
 @pytest.mark.parametrize("rw", ["write", "randwrite"])
-def test_fio_verify(mounted: Mount, rw: str):
+def test_fio_verify(mounted: Mount, rw: str, tmp_path: Path):
     run(
         "fio",
         "--name=v",
@@ -121,6 +121,7 @@ def test_fio_verify(mounted: Mount, rw: str):
         "--verify_fatal=1",
         "--do_verify=1",
         "--end_fsync=1",
+        cwd=tmp_path,  # fio leaves its verify state files in the working directory
     )
 
 

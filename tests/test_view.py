@@ -167,3 +167,29 @@ def test_plaintext_size_of_envelope_matches(mounted: Mount):
         (mounted.mnt / f"f{n}").write_bytes(os.urandom(n))
         assert (mounted.mnt / f"f{n}").stat().st_size == n
         assert (mounted.source / f"f{n}").stat().st_size == n + fmt.OVERHEAD
+
+
+def test_file_replaced_behind_the_mount_is_served_fresh(mount_factory, key):
+    m = mount_factory(args=("-o", "entry_timeout=0,attr_timeout=0"))
+    (m.mnt / "f").write_bytes(b"first version")
+    assert (m.mnt / "f").read_bytes() == b"first version"
+    staged = m.source / "staged"
+    staged.write_bytes(storm_cloud_envelope(key, b"written by the server"))
+    os.rename(staged, m.source / "f")
+    assert (m.mnt / "f").read_bytes() == b"written by the server"
+    assert (m.mnt / "f").stat().st_size == len(b"written by the server")
+
+
+def test_pending_writes_win_over_a_replacement_behind_the_mount(mount_factory, key):
+    """Last writer wins: a commit is never dropped because the name changed underneath."""
+    m = mount_factory(args=("-o", "entry_timeout=0,attr_timeout=0"))
+    (m.mnt / "f").write_bytes(b"v1")
+    with open(m.mnt / "f", "r+b") as f:
+        f.write(b"ours")
+        staged = m.source / "staged"
+        staged.write_bytes(storm_cloud_envelope(key, b"theirs"))
+        os.rename(staged, m.source / "f")
+        assert (m.mnt / "f").stat().st_size == len(b"theirs")  # the name was looked up anew
+    assert m.decrypt("f") == b"ours"
+    os.unlink(m.mnt / "f")
+    assert not (m.source / "f").exists()

@@ -90,7 +90,7 @@ def make_mixed(root: Path, key: str) -> dict[str, Any]:
     for rel, data in broken.items():
         write(root / rel, data)
     # stormfs' own names, skipped at every level
-    write(root / ".stormfs/keycheck", b"x" * 40)
+    write(root / ".stormfs/state-of-the-daemon", b"x" * 40)
     write(root / "docs/.stormfs-tmp-0123456789abcdef", fmt.seal(raw, b"daemon temp"))
     # not regular files: skipped
     os.symlink("notes.txt", root / "link-to-notes")
@@ -99,9 +99,12 @@ def make_mixed(root: Path, key: str) -> dict[str, Any]:
 
 
 def snapshot(root: Path, *, atime: bool = True) -> dict[str, tuple]:
-    """Everything observable about every entry under root (content, metadata, xattrs)."""
+    """Everything observable about every entry under root (content, metadata, xattrs),
+    except inside the state directory ``root/.stormfs``, which stormfs keeps for itself."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and ".stormfs" in dirnames:
+            dirnames.remove(".stormfs")
         for name in sorted(dirnames + filenames):
             p = Path(dirpath, name)
             st = p.lstat()

@@ -1,0 +1,427 @@
+"""stormfs benchmark: the raw directory, a Python passthrough, gocryptfs and stormfs,
+side by side in one run.
+
+Every round mounts each target fresh over a fresh directory (targets interleaved,
+order rotated per round) and runs every workload on it; the table shows the
+median per target and workload, and how stormfs compares with gocryptfs and with
+the passthrough measured in the same run. Needs root (mounts, drop_caches).
+
+    .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import targets as tg
+import workloads as wl
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
+FULL = {
+    "rounds": 3,
+    "seq_size": "512M",
+    "big_size": "4G",
+    "random_reads": 2000,
+    "files": 2500,
+    "overwrites": 200,
+    "migrate_size": "1G",
+}
+QUICK = {
+    "rounds": 1,
+    "seq_size": "64M",
+    "big_size": "256M",
+    "random_reads": 500,
+    "files": 500,
+    "overwrites": 50,
+    "migrate_size": "64M",
+}
+
+
+Step = tuple[tuple[str, ...], Callable[[], dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str  # "MB/s" is higher-is-better; "s" and "MiB" are lower-is-better
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit == "MB/s"
+
+
+def parse_size(text: str) -> int:
+    units = {"K": wl.KiB, "M": wl.MiB, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+
+
+def human(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 and not n % (1 << 30) else f"{n >> 20} MiB"
+
+
+def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
+    seq = human(args.seq_size)
+    return [
+        Metric("seq_write", f"sequential write {seq} (1 MiB writes + fsync)", "MB/s"),
+        Metric("seq_read_cold", f"sequential read {seq}, cold", "MB/s"),
+        Metric("seq_read_warm", f"sequential read {seq}, warm", "MB/s"),
+        Metric("rand_read_cold", f"{args.random_reads} random 4 KiB reads, cold", "s"),
+        Metric("rand_read_warm", f"{args.random_reads} random 4 KiB reads, warm", "s"),
+        Metric("tar_extract", f"tar -x of {nfiles} stdlib files", "s"),
+        Metric("stat_walk_cold", "ls -lR of the tree, cold", "s"),
+        Metric("stat_walk_warm", "ls -lR of the tree, warm", "s"),
+        Metric("read_all", "read every file back + sha256, cold", "s"),
+        Metric("rm_rf", "rm -rf of the tree", "s"),
+        Metric("overwrite", f"{args.overwrites}x open/write 4 KiB/close in a 1 MiB file", "s"),
+        Metric("peak_rss", f"peak daemon RSS, {human(args.big_size)} write then cold read", "MiB"),
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset")
+    p.add_argument("--quick", action="store_true", help="small sizes and one round: a smoke run")
+    p.add_argument("--rounds", type=int, metavar="N", help="rounds (3, quick 1)")
+    p.add_argument(
+        "--seq-size", type=parse_size, metavar="SIZE", help="sequential file (512M, quick 64M)"
+    )
+    p.add_argument("--big-size", type=parse_size, metavar="SIZE", help="RSS file (4G, quick 256M)")
+    p.add_argument("--random-reads", type=int, metavar="N", help="random reads (2000, quick 500)")
+    p.add_argument("--files", type=int, metavar="N", help="files in the tar (2500, quick 500)")
+    p.add_argument("--overwrites", type=int, metavar="N", help="overwrites (200, quick 50)")
+    p.add_argument("--migrate", action="store_true", help="also time stormfs encrypt vs cp -a")
+    p.add_argument(
+        "--migrate-size", type=parse_size, metavar="SIZE", help="legacy tree (1G, quick 64M)"
+    )
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path("/var/tmp/stormfs-bench"),
+        metavar="DIR",
+        help="work directories and logs (%(default)s)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("bench-results/latest.json"),
+        metavar="FILE",
+        help="JSON with every number (%(default)s)",
+    )
+    p.add_argument(
+        "--stormfs",
+        default=str(REPO / ".venv/bin/stormfs"),
+        metavar="CMD",
+        help="the stormfs command (%(default)s)",
+    )
+    args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, parse_size(value) if isinstance(value, str) else value)
+    args.targets = [t for t in args.targets.split(",") if t]
+    if not args.targets:
+        p.error("--targets: name at least one target")
+    if unknown := set(args.targets) - set(ALL_TARGETS):
+        p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    for name in ("seq_size", "big_size"):
+        if getattr(args, name) < wl.MiB or getattr(args, name) % wl.MiB:
+            p.error(f"--{name.replace('_', '-')} must be a positive multiple of 1 MiB")
+    return args
+
+
+def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
+    venv_python = REPO / ".venv/bin/python"
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    factories: dict[str, Callable[[], tg.Target]] = {
+        "raw": tg.Target,
+        "passthrough": lambda: tg.Passthrough(python),
+        "gocryptfs": tg.Gocryptfs,
+        "stormfs": lambda: tg.Stormfs(args.stormfs, key),
+    }
+    return [factories[name]() for name in args.targets]
+
+
+def clean(path: Path) -> None:
+    """Remove a work directory, never through a mount point."""
+    for point in tg.mounts_under(path):
+        tg.unmount(point)
+    if tg.mounts_under(path):
+        raise RuntimeError(f"{path} is still mounted; not removing it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, key: str) -> None:
+        self.args = args
+        self.key = key
+        self.scratch: Path = args.scratch.resolve()
+        self.logs = self.scratch / "logs"
+        self.tree = wl.StdlibTree.build(self.scratch / "stdlib.tar", args.files)
+        self.seq = wl.data(0, args.seq_size)
+        self.buffer = bytearray(b"\xff") * len(self.seq)  # touched now: no read pays for faults
+
+    def steps(self, m: tg.Mounted) -> list[Step]:
+        """Workloads in order, each with the metric keys it produces."""
+        a, p = self.args, m.path
+        steps: list[Step] = [
+            (("seq_write",), lambda: wl.seq_write(p, self.seq)),
+            (("seq_read_cold", "seq_read_warm"), lambda: wl.seq_read(p, self.seq, self.buffer)),
+            (
+                ("rand_read_cold", "rand_read_warm"),
+                lambda: wl.random_reads(p, self.seq, a.random_reads),
+            ),
+            (
+                ("tar_extract", "stat_walk_cold", "stat_walk_warm", "read_all", "rm_rf"),
+                lambda: wl.small_files(p, self.tree),
+            ),
+            (("overwrite",), lambda: wl.overwrite(p, a.overwrites)),
+        ]
+        if m.pid is not None:
+            pid = m.pid
+            steps.append((("rss_write", "peak_rss"), lambda: wl.big_file_rss(p, pid, a.big_size)))
+        return steps
+
+    def run_target(self, target: tg.Target, rnd: int) -> dict[str, Any]:
+        workdir = self.scratch / f"r{rnd}-{target.name}"
+        log = self.logs / f"r{rnd}-{target.name}.log"
+        record: dict[str, Any] = {
+            "round": rnd,
+            "target": target.name,
+            "status": "ok",
+            "metrics": {},
+            "errors": {},
+        }
+        clean(workdir)
+        try:
+            with target.mounted(workdir, log) as m:
+                for keys, step in self.steps(m):
+                    if not m.alive():
+                        record["errors"].update(dict.fromkeys(keys, f"daemon died, see {log}"))
+                        continue
+                    print(f"  round {rnd + 1} {target.name}: {', '.join(keys)}", flush=True)
+                    try:
+                        record["metrics"].update(step())
+                    except Exception as e:
+                        record["errors"].update(dict.fromkeys(keys, f"{type(e).__name__}: {e}"))
+        except tg.Unavailable as e:
+            record.update(status="n/a", reason=str(e))
+            print(f"  round {rnd + 1} {target.name}: n/a ({e})", flush=True)
+        finally:
+            clean(workdir)
+        return record
+
+    def run_migrate(self, rnd: int) -> dict[str, Any]:
+        program = self.args.stormfs
+        probe = subprocess.run([program, "encrypt", "--help"], capture_output=True, check=False)
+        if probe.returncode:
+            return {"round": rnd, "status": "n/a", "reason": "stormfs encrypt is not available"}
+        print(f"  round {rnd + 1} migrate: cp -a vs stormfs encrypt", flush=True)
+        workdir = self.scratch / f"r{rnd}-migrate"
+        clean(workdir)
+        try:
+            env = {**os.environ, "STORMCLOUD_ENCRYPTION_KEY": self.key}
+            log = self.logs / f"r{rnd}-migrate.log"
+            result = wl.migrate(workdir, self.args.migrate_size, program, env, self.key, log)
+            return {"round": rnd, "status": "ok", **result}
+        except Exception as e:
+            return {"round": rnd, "status": "FAIL", "reason": f"{type(e).__name__}: {e}"}
+        finally:
+            clean(workdir)
+
+
+def _median(runs: list[dict[str, Any]], target: str, key: str) -> float | None:
+    values = [r["metrics"][key] for r in runs if r["target"] == target and key in r["metrics"]]
+    return statistics.median(values) if values else None
+
+
+def summarize(
+    runs: list[dict[str, Any]], names: list[str], table: list[Metric]
+) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
+    medians = {t: {m.key: _median(runs, t, m.key) for m in table} for t in names}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for other in ("gocryptfs", "passthrough"):
+        if "stormfs" not in names or other not in names:
+            continue
+        ratios[f"stormfs/{other}"] = {}
+        for m in table:
+            s, o = medians["stormfs"][m.key], medians[other][m.key]
+            ratio = None
+            if s and o:
+                ratio = s / o if m.higher_is_better else o / s
+            ratios[f"stormfs/{other}"][m.key] = ratio
+    return medians, ratios
+
+
+def cell(runs: list[dict[str, Any]], target: str, key: str, value: float | None) -> str:
+    mine = [r for r in runs if r["target"] == target]
+    if any(key in r["errors"] for r in mine):
+        return "FAIL"
+    if not any(r["status"] == "ok" for r in mine):
+        return "n/a"
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def render(
+    runs: list[dict[str, Any]],
+    names: list[str],
+    table: list[Metric],
+    medians: dict[str, dict[str, float | None]],
+    ratios: dict[str, dict[str, float | None]],
+    rounds: int,
+) -> str:
+    head = ["workload", "unit", *names, *ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in table:
+        row = [m.label, m.unit, *(cell(runs, t, m.key, medians[t][m.key]) for t in names)]
+        row += [f"{r[m.key]:.2f}x" if r[m.key] is not None else "n/a" for r in ratios.values()]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    legend = (
+        f"Median of {rounds} round(s). MB/s = 10^6 bytes/s, higher is better; s and MiB, "
+        "lower is better. `-`: not applicable (no daemon)."
+    )
+    if ratios:
+        legend += " Ratios > 1 mean stormfs is better (stormfs/other for MB/s, other/stormfs else)."
+    lines.append(legend)
+    notes = {f"{r['target']}: n/a ({r['reason']})" for r in runs if r["status"] == "n/a"}
+    for r in runs:
+        failed: dict[str, list[str]] = {}
+        for key, error in r["errors"].items():
+            failed.setdefault(error, []).append(key)
+        notes |= {
+            f"{r['target']} round {r['round'] + 1}, {', '.join(k)}: {e}" for e, k in failed.items()
+        }
+    lines += [f"- {n}" for n in sorted(notes)]
+    return "\n".join(lines)
+
+
+def render_migrate(results: list[dict[str, Any]], size: int) -> str:
+    ok = [r for r in results if r["status"] == "ok"]
+    head = f"| migrate {human(size)} legacy tree | cp -a + sync | stormfs encrypt | encrypt / cp |"
+    if not ok:
+        reasons = sorted({r["reason"] for r in results})
+        return f"{head}\n|---|---|---|---|\n| MB/s | n/a | n/a | n/a |\n\n- " + "\n- ".join(reasons)
+    cp = statistics.median(r["cp_a"] for r in ok)
+    enc = statistics.median(r["encrypt"] for r in ok)
+    files = ok[0]["files"]
+    return (
+        f"{head}\n|---|---|---|---|\n| MB/s ({files} files) | {cp:.0f} | {enc:.0f} | "
+        f"{enc / cp:.2f}x |"
+    )
+
+
+def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    def version(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError:
+            return None
+        return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else None
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "gocryptfs": version("gocryptfs", "-version"),
+        "stormfs": version(args.stormfs, "--version"),
+        "scratch": str(bench.scratch),
+        "tar_files": len(bench.tree.manifest),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (it mounts filesystems and drops caches)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    for point in tg.mounts_under(args.scratch):  # left by an interrupted run
+        tg.unmount(point)
+    for old in [*args.scratch.glob("r[0-9]*-*"), args.scratch / "logs"]:
+        clean(old)
+    (args.scratch / "logs").mkdir()
+    started, load = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()[0]
+    if load > 0.5:
+        print(f"bench: load average {load:.1f}: other work is running, numbers will be noisy")
+    key = secrets.token_urlsafe(32)
+    bench = Bench(args, key)
+    names = args.targets
+    order = make_targets(args, key)
+    runs: list[dict[str, Any]] = []
+    migrate: list[dict[str, Any]] = []
+    status = 0
+    try:
+        for rnd in range(args.rounds):
+            shift = rnd % len(order)
+            for target in order[shift:] + order[:shift]:
+                runs.append(bench.run_target(target, rnd))
+            if args.migrate:
+                migrate.append(bench.run_migrate(rnd))
+    except KeyboardInterrupt:
+        print("bench: interrupted; reporting what was measured", file=sys.stderr)
+        status = 130
+    finally:
+        for point in tg.mounts_under(args.scratch):
+            tg.unmount(point)
+    table = metrics(args, len(bench.tree.manifest))
+    medians, ratios = summarize(runs, names, table)
+    text = render(runs, names, table, medians, ratios, args.rounds)
+    if args.migrate:
+        text += "\n\n" + render_migrate(migrate, args.migrate_size)
+    report = {
+        "meta": {
+            **meta(args, bench),
+            "started": started,
+            "loadavg_1min": {"start": load, "end": os.getloadavg()[0]},
+        },
+        "workloads": {m.key: {"label": m.label, "unit": m.unit} for m in table},
+        "runs": runs,
+        "median": medians,
+        "ratios": ratios,
+        "migrate": migrate,
+        "table": text,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{text}\n\nraw numbers: {args.output}")
+    failed = any(r["errors"] for r in runs) or any(r["status"] == "FAIL" for r in migrate)
+    return status or (1 if failed else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The benchmark workloads. Each one times only the operations under test and then
+checks that what it reads back is exactly what was written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sysconfig
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1 << 10
+MiB = 1 << 20
+PAGE = 4 * KiB
+BASE = random.Random(0x5707).randbytes(MiB)  # page bodies; every page is stamped on top
+STAMP = struct.Struct(">4sII")  # b"page", file id, page index: never starts with 0x01
+
+
+class CheckFailed(Exception):
+    """What was read back differs from what was written."""
+
+
+def drop_caches() -> None:
+    """Write back everything, then drop page cache, dentries and inodes."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def data(first_page: int, size: int, file_id: int = 0) -> bytearray:
+    """Deterministic content: `size` bytes starting at page `first_page` of file `file_id`.
+
+    Each 4 KiB page carries its file id and index, so a misplaced page cannot
+    pass a check.
+    """
+    npages = -(-size // PAGE)
+    start = (first_page % (MiB // PAGE)) * PAGE
+    rotated = BASE[start:] + BASE[:start]
+    buf = bytearray(rotated) * -(-npages * PAGE // MiB)
+    for i in range(npages):
+        STAMP.pack_into(buf, i * PAGE, b"page", file_id, first_page + i)
+    del buf[size:]
+    return buf
+
+
+def vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / KiB
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def reset_hwm(pid: int) -> None:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5\n")
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _mbps(nbytes: int, seconds: float) -> float:
+    return nbytes / 1e6 / seconds
+
+
+def _run(*argv: str | Path) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise CheckFailed(f"{argv[0]} exited {proc.returncode}: {' | '.join(err)}")
+    return proc
+
+
+def _write_file(path: Path, buf: bytes | bytearray, chunk: int = MiB) -> None:
+    view = memoryview(buf)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, len(view), chunk):
+            part = view[off : off + chunk]
+            while part:
+                part = part[os.write(fd, part) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_into(path: Path, view: memoryview, chunk: int = MiB) -> int:
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while n := f.readinto(view[got : got + chunk]):
+            got += n
+        return got
+
+
+@dataclass
+class StdlibTree:
+    """A tar of the first `limit` files of the Python standard library, and what
+    each file must hash to after extraction."""
+
+    tar: Path
+    manifest: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tar: Path, limit: int) -> StdlibTree:
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        files: list[Path] = []
+        for root, dirs, names in os.walk(lib):
+            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "site-packages"))
+            paths = (Path(root, n) for n in sorted(names))
+            files += [p for p in paths if p.is_file() and not p.is_symlink()]
+            if len(files) >= limit:
+                break
+        tree = cls(tar)
+        with tarfile.open(tar, "w") as out:
+            for d in sorted({f.parent for f in files[:limit]}):
+                out.add(d, arcname=f"Lib/{d.relative_to(lib)}", recursive=False)
+            for f in files[:limit]:
+                rel = f"Lib/{f.relative_to(lib)}"
+                out.add(f, arcname=rel)
+                tree.manifest[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+        return tree
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise CheckFailed(what)
+
+
+def seq_write(mnt: Path, seq: bytearray) -> dict[str, float]:
+    seconds = _timed(lambda: _write_file(mnt / "seq.bin", seq))
+    return {"seq_write": _mbps(len(seq), seconds)}
+
+
+def seq_read(mnt: Path, seq: bytearray, scratch: bytearray) -> dict[str, float]:
+    """Cold (after drop_caches), then warm; the first read checks the write."""
+    out: dict[str, float] = {}
+    expected = hashlib.sha256(seq).digest()
+    view = memoryview(scratch)[: len(seq)]
+    for key in ("seq_read_cold", "seq_read_warm"):
+        if key == "seq_read_cold":
+            drop_caches()
+        t0 = time.perf_counter()
+        got = _read_into(mnt / "seq.bin", view)
+        out[key] = _mbps(got, time.perf_counter() - t0)
+        _check(got == len(seq) and hashlib.sha256(view).digest() == expected, f"{key}: bad data")
+    return out
+
+
+def random_reads(mnt: Path, seq: bytearray, count: int) -> dict[str, float]:
+    """4 KiB preads at page-aligned random offsets, cold and then warm (same offsets)."""
+    pages = random.Random(count).choices(range(len(seq) // PAGE), k=count)
+    out: dict[str, float] = {}
+    for key in ("rand_read_cold", "rand_read_warm"):
+        if key == "rand_read_cold":
+            drop_caches()
+        fd = os.open(mnt / "seq.bin", os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            got = [os.pread(fd, PAGE, p * PAGE) for p in pages]
+            out[key] = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+        bad = sum(g != seq[p * PAGE : (p + 1) * PAGE] for g, p in zip(got, pages, strict=True))
+        _check(bad == 0, f"{key}: {bad} of {count} pages wrong")
+    os.unlink(mnt / "seq.bin")
+    return out
+
+
+def small_files(mnt: Path, tree: StdlibTree) -> dict[str, float]:
+    """Extract, stat walk cold/warm, read back cold, rm -rf."""
+    out = {"tar_extract": _timed(lambda: _run("tar", "-xf", tree.tar, "-C", mnt))}
+    nfiles = len(tree.manifest)
+    for key in ("stat_walk_cold", "stat_walk_warm"):
+        if key == "stat_walk_cold":
+            drop_caches()
+        t0 = time.perf_counter()
+        listing = _run("ls", "-lR", mnt / "Lib").stdout
+        out[key] = time.perf_counter() - t0
+        seen = sum(line.startswith(b"-") for line in listing.splitlines())
+        _check(seen == nfiles, f"{key}: saw {seen} files, expected {nfiles}")
+
+    def read_all() -> dict[str, str]:
+        found = {}
+        for root, _dirs, names in os.walk(mnt / "Lib"):
+            for name in names:
+                path = Path(root, name)
+                found[str(path.relative_to(mnt))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return found
+
+    drop_caches()
+    t0 = time.perf_counter()
+    found = read_all()
+    out["read_all"] = time.perf_counter() - t0
+    wrong = sum(found.get(k) != v for k, v in tree.manifest.items())
+    _check(wrong == 0 and len(found) == nfiles, f"read_all: {wrong} files differ or missing")
+
+    out["rm_rf"] = _timed(lambda: _run("rm", "-rf", mnt / "Lib"))
+    _check(not (mnt / "Lib").exists(), "rm_rf: tree still there")
+    return out
+
+
+def overwrite(mnt: Path, count: int) -> dict[str, float]:
+    """open / write 4 KiB in the middle / close, `count` times, on a 1 MiB file."""
+    path, middle = mnt / "overwrite.bin", MiB // 2
+    expected = data(0, MiB, file_id=7)
+    _write_file(path, expected)
+    patches = [STAMP.pack(b"over", i, i) * (PAGE // STAMP.size) for i in range(count)]
+    patches = [p.ljust(PAGE, b"\0") for p in patches]
+
+    def loop() -> None:
+        for patch in patches:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, patch, middle)
+            finally:
+                os.close(fd)
+
+    seconds = _timed(loop)
+    expected[middle : middle + PAGE] = patches[-1]
+    drop_caches()
+    _check(path.read_bytes() == expected, "overwrite: file content differs after drop_caches")
+    path.unlink()
+    return {"overwrite": seconds}
+
+
+def big_file_rss(mnt: Path, pid: int, size: int) -> dict[str, float]:
+    """Peak daemon RSS while writing `size` bytes in 1 MiB writes, then reading them back cold."""
+    path, blocks = mnt / "big.bin", size // MiB
+    reset_hwm(pid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for b in range(blocks):
+            os.write(fd, data(b * (MiB // PAGE), MiB, file_id=9))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    rss_write = vm_hwm_mib(pid)
+    drop_caches()
+    with open(path, "rb", buffering=0) as f:
+        for b in range(blocks):
+            _check(f.read(MiB) == data(b * (MiB // PAGE), MiB, file_id=9), f"big: block {b}")
+        _check(f.read(1) == b"", "big: file longer than written")
+    path.unlink()
+    return {"rss_write": rss_write, "peak_rss": vm_hwm_mib(pid)}
+
+
+def legacy_tree(root: Path, size: int) -> dict[str, str]:
+    """About `size` bytes of plaintext files: half in a few large files, a third in
+    256 KiB - 2 MiB files, the rest in 1 - 64 KiB files, 100 per directory."""
+    rng = random.Random(size)
+    sizes = [size // 8] * 4
+    for share, low, high in (
+        (size * 35 // 100, 256 * KiB, 2 * MiB),
+        (size * 15 // 100, KiB, 64 * KiB),
+    ):
+        while share > 0:
+            sizes.append(min(share, rng.randint(low, high)))
+            share -= sizes[-1]
+    manifest = {}
+    for i, n in enumerate(sizes):
+        rel = f"d{i // 100:03d}/f{i:05d}.bin"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        content = data(0, n, file_id=i)
+        (root / rel).write_bytes(content)
+        manifest[rel] = hashlib.sha256(content).hexdigest()
+    return manifest
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def _check_envelopes(root: Path, manifest: dict[str, str], key: str) -> None:
+    """Every file must be a v1 envelope (DESIGN section 1) of its original bytes."""
+    import base64
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)))
+    for rel, digest in manifest.items():
+        blob = (root / rel).read_bytes()
+        _check(blob[:1] == b"\x01", f"migrate: {rel} is not an envelope")
+        plain = aead.decrypt(blob[1:13], blob[13:], None)
+        _check(hashlib.sha256(plain).hexdigest() == digest, f"migrate: {rel} decrypts wrongly")
+    extra = set(_hash_tree(root)) - set(manifest)
+    _check(not extra, f"migrate: unexpected files left: {sorted(extra)[:3]}")
+
+
+def migrate(
+    workdir: Path, size: int, program: str, env: dict[str, str], key: str, log: Path
+) -> dict[str, Any]:
+    """MB/s of `cp -a tree copy && sync` and of `stormfs encrypt tree --force`, both from cold."""
+    tree, copy = workdir / "tree", workdir / "copy"
+    manifest = legacy_tree(tree, size)
+    nbytes = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    drop_caches()
+    t0 = time.perf_counter()
+    _run("cp", "-a", tree, copy)
+    os.sync()
+    cp_seconds = time.perf_counter() - t0
+    _check(_hash_tree(copy) == manifest, "migrate: cp -a copy differs")
+    shutil.rmtree(copy)
+    drop_caches()
+    with open(log, "ab") as out:
+        t0 = time.perf_counter()
+        rc = subprocess.run(
+            [program, "encrypt", str(tree), "--force"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode
+        encrypt_seconds = time.perf_counter() - t0
+    _check(rc == 0, f"migrate: stormfs encrypt exited {rc}, see {log}")
+    _check_envelopes(tree, manifest, key)
+    return {
+        "files": len(manifest),
+        "bytes": nbytes,
+        "cp_a": _mbps(nbytes, cp_seconds),
+        "encrypt": _mbps(nbytes, encrypt_seconds),
+    }

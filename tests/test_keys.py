@@ -1,0 +1,191 @@
+"""Loading the key: every source, their order, key ids, the key file's mode,
+and malformed keys refused without their text in the message."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+from stormfs import keys
+from stormfs.exitcodes import USAGE
+
+from .keyscan import STORMFS, forms, new_key, run
+
+
+def write_key_file(path, text: str, mode: int = 0o600) -> str:
+    path = str(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def material(text: str) -> bytes:
+    return keys.parse_key(text)
+
+
+def test_no_key_anywhere_is_none(tmp_path):
+    assert keys.load_keyring(key_file=None, environ={}) is None
+    # A credentials directory without stormfs.key holds no key for us.
+    creds = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert keys.load_keyring(key_file=None, environ=creds) is None
+
+
+def test_environment_key_with_default_id():
+    text = new_key()
+    ring = keys.load_keyring(key_file=None, environ={keys.ENV_KEY: text})
+    assert ring is not None
+    assert ring.current.key_id == "1"
+    assert ring.current.material == material(text)
+
+
+def test_key_id_from_environment():
+    text = new_key()
+    env = {keys.ENV_KEY: text, keys.ENV_KEY_ID: "2024-a"}
+    ring = keys.load_keyring(key_file=None, environ=env)
+    assert ring is not None and ring.current.key_id == "2024-a"
+    assert ring.get("2024-a") is ring.current
+
+
+def test_sources_in_order(tmp_path):
+    file_key, cred_key, env_key = new_key(), new_key(), new_key()
+    key_file = write_key_file(tmp_path / "file.key", file_key + "\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write_key_file(creds / "stormfs.key", cred_key)
+    env = {keys.ENV_KEY: env_key, "CREDENTIALS_DIRECTORY": str(creds)}
+
+    def loaded(key_file):
+        ring = keys.load_keyring(key_file=key_file, environ=env)
+        assert ring is not None
+        return ring.current.material
+
+    assert loaded(key_file) == material(file_key)
+    assert loaded(None) == material(cred_key)
+    del env["CREDENTIALS_DIRECTORY"]
+    assert loaded(None) == material(env_key)
+
+
+def test_padded_and_unpadded_keys_are_the_same_key(tmp_path):
+    text = new_key()
+    padded = base64.urlsafe_b64encode(material(text)).decode()
+    assert padded.endswith("=") and padded.rstrip("=") == text
+    for spelling in (text, padded, f"  {padded}\n"):
+        path = write_key_file(tmp_path / "k", spelling)
+        ring = keys.load_keyring(key_file=path, environ={})
+        assert ring is not None and ring.current.material == material(text)
+
+
+@pytest.mark.parametrize(
+    ("mode", "access"),
+    [(0o644, "readable"), (0o640, "readable"), (0o604, "readable"), (0o620, "writable")],
+)
+def test_key_file_open_to_group_or_others_is_refused(tmp_path, mode, access):
+    path = write_key_file(tmp_path / "k", new_key(), mode)
+    with pytest.raises(keys.InvalidKey) as e:
+        keys.load_keyring(key_file=path, environ={})
+    assert str(e.value) == (
+        f"key file {path} is {access} by group or others (mode {mode:04o}); "
+        f"restrict it with: chmod 600 {path}"
+    )
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_key_file_private_to_owner_is_accepted(tmp_path, mode):
+    path = write_key_file(tmp_path / "k", new_key(), mode)
+    assert keys.load_keyring(key_file=path, environ={}) is not None
+
+
+def test_credential_file_mode_is_checked_too(tmp_path):
+    write_key_file(tmp_path / "stormfs.key", new_key(), 0o644)
+    with pytest.raises(keys.InvalidKey, match="chmod 600"):
+        keys.load_keyring(key_file=None, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_unusable_key_files(tmp_path):
+    missing = str(tmp_path / "missing.key")
+    with pytest.raises(keys.InvalidKey) as e:
+        keys.load_keyring(key_file=missing, environ={})
+    assert str(e.value) == f"cannot open key file {missing}: No such file or directory"
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    with pytest.raises(keys.InvalidKey, match="is not a regular file"):
+        keys.load_keyring(key_file=str(directory), environ={})
+    big = write_key_file(tmp_path / "big", "A" * 5000)
+    with pytest.raises(keys.InvalidKey, match="too large"):
+        keys.load_keyring(key_file=big, environ={})
+
+
+def malformed_keys() -> list[tuple[str, str]]:
+    good = new_key()
+    short = base64.urlsafe_b64encode(os.urandom(16)).decode()
+    long = base64.urlsafe_b64encode(os.urandom(48)).decode()
+    return [
+        ("empty", ""),
+        ("blank", "   \n"),
+        ("standard base64 alphabet", good[:20] + "+/" + good[22:]),
+        ("not base64 at all", "correct horse battery staple and more words"),
+        ("16 bytes", short),
+        ("48 bytes", long),
+        ("key and a second line", good + "\nsecond line"),
+    ]
+
+
+MALFORMED = malformed_keys()
+
+
+@pytest.mark.parametrize(("label", "text"), MALFORMED, ids=[label for label, _ in MALFORMED])
+def test_malformed_keys_refused_without_key_text(tmp_path, label, text):
+    path = write_key_file(tmp_path / "k", text)
+    sources = [(path, {})]
+    if text.strip():  # an empty variable is no key at all (test below)
+        sources.append((None, {keys.ENV_KEY: text}))
+    for key_file, env in sources:
+        with pytest.raises(keys.InvalidKey) as e:
+            keys.load_keyring(key_file=key_file, environ=env)
+        message = str(e.value)
+        assert "\n" not in message
+        for part in text.split():
+            assert len(part) < 8 or part not in message, label
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_variable_counts_as_unset(value):
+    """What a compose file leaves for a variable it passes through unset."""
+    assert keys.load_keyring(key_file=None, environ={keys.ENV_KEY: value}) is None
+
+
+def test_key_id_validated():
+    with pytest.raises(keys.InvalidKey, match="key id"):
+        keys.load_keyring(key_file=None, environ={keys.ENV_KEY: new_key(), keys.ENV_KEY_ID: "a b"})
+
+
+def test_cli_refuses_malformed_key_with_exit_2(tmp_path):
+    """A real `stormfs check` run: one line on stderr, exit 2, no key text anywhere."""
+    text = new_key()[:-4]  # 29 bytes: base64url, wrong length
+    proc = run([*STORMFS, "check", str(tmp_path)], env={keys.ENV_KEY: text})
+    assert proc.returncode == USAGE
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"stormfs: ${keys.ENV_KEY}: the encryption key decodes to 29 bytes; "
+        "it must be 32 (generate one with: stormfs keygen)\n"
+    )
+    assert text not in proc.stderr
+    assert not os.path.exists(tmp_path / ".stormfs")
+
+
+def test_cli_refuses_key_file_readable_by_others(tmp_path):
+    key = new_key()
+    path = write_key_file(tmp_path / "k", key, 0o644)
+    source = tmp_path / "source"
+    source.mkdir()
+    proc = run([*STORMFS, "check", str(source), "--key-file", path])
+    assert proc.returncode == USAGE
+    assert proc.stderr == (
+        f"stormfs: key file {path} is readable by group or others (mode 0644); "
+        f"restrict it with: chmod 600 {path}\n"
+    )
+    assert not any(form in proc.stderr + proc.stdout for form in forms(key))
