@@ -87,7 +87,7 @@ POLL = 0.1
 RETRYABLE = ("changed", "busy", "hard_links")
 RENAME_EXCHANGE = 2
 SYNC_FILE_RANGE_WRITE = 2
-F_RDLCK, F_UNLCK = fcntl.F_RDLCK, fcntl.F_UNLCK
+F_RDLCK = fcntl.F_RDLCK
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -143,11 +143,13 @@ def exchange(dir_fd: int, a: bytes, b: bytes) -> None:
     """Atomically swap two names in one directory (renameat2 RENAME_EXCHANGE)."""
     if _libc.renameat2(dir_fd, a, dir_fd, b, ctypes.c_uint(RENAME_EXCHANGE)) != 0:
         e = ctypes.get_errno()
+        if e in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, "this filesystem cannot exchange names (renameat2 RENAME_EXCHANGE)")
         raise OSError(e, os.strerror(e), os.fsdecode(b))
 
 
 def take_lease(fd: int) -> bool:
-    """A read lease on `fd`; False where the filesystem has no leases (NFS, FUSE)."""
+    """A read lease on `fd`; False where none can be had (NFS, FUSE, another user's file)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, F_RDLCK)
     except OSError as e:
@@ -155,6 +157,8 @@ def take_lease(fd: int) -> bool:
             raise Retry("busy", "open for writing by another process") from None
         if e.errno in (errno.EINVAL, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
             return False
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return False  # not the owner, and no CAP_LEASE
         raise
     return True
 
