@@ -78,15 +78,14 @@ ATTEMPTS = 3
 RETRY_DELAY = 0.5
 # A batch of sealed files is swapped in once it has this many files or bytes,
 # once its oldest file has waited this long, or when nothing else is coming.
-BATCH_FILES = 512
+BATCH_FILES = 2048
 BATCH_BYTES = 512 << 20
 BATCH_AGE = 2.0
 FDS_PER_FILE = 2
 # How often files waiting in a batch are checked for a writer waiting on them.
-POLL = 0.1
+POLL = 0.5
 RETRYABLE = ("changed", "busy", "hard_links")
 RENAME_EXCHANGE = 2
-SYNC_FILE_RANGE_WRITE = 2
 F_RDLCK = fcntl.F_RDLCK
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -280,6 +279,8 @@ class Migrator:
         pending: dict[Future[Sealed | Outcome], Job] = {}
         committing: list[Future[list[tuple[Job, Outcome]]]] = []
         batch: list[Sealed] = []
+        batch_bytes = 0
+        polled = time.monotonic()
         with (
             ThreadPoolExecutor(max_workers=workers) as pool,
             ThreadPoolExecutor(1) as committer,
@@ -300,10 +301,17 @@ class Migrator:
                     result = fut.result()
                     if isinstance(result, Sealed):
                         batch.append(result)
+                        batch_bytes += result.st.st_size
                     else:
                         yield job, result
-                for sealed in [b for b in batch if b.writer_waiting()]:
+                if time.monotonic() - polled >= POLL:
+                    polled = time.monotonic()
+                    waiting_writers = [b for b in batch if b.writer_waiting()]
+                else:
+                    waiting_writers = []
+                for sealed in waiting_writers:
                     batch.remove(sealed)
+                    batch_bytes -= sealed.st.st_size
                     yield (
                         sealed.job,
                         self._abandon(sealed, "opened for writing while being encrypted"),
@@ -311,12 +319,12 @@ class Migrator:
                 full = (
                     not pending
                     or len(batch) >= BATCH_FILES
-                    or sum(b.st.st_size for b in batch) >= BATCH_BYTES
+                    or batch_bytes >= BATCH_BYTES
                     or (batch and time.monotonic() - batch[0].since >= BATCH_AGE)
                 )
                 if batch and full and len(committing) < 2:
                     committing.append(committer.submit(lambda b=batch: list(self.commit(b))))
-                    batch = []
+                    batch, batch_bytes = [], 0
 
     # ---- sealing (worker threads) -----------------------------------------------
 
@@ -392,7 +400,6 @@ class Migrator:
             copy_metadata(os.path.join(self.root, job.names[0]), st, out)
             os.setxattr(out, KEY_ID_XATTR, self.key.key_id.encode())
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            _start_writeback(out)
             t_st = os.fstat(out)
             for i in range(1, len(job.names)):
                 holds.append(self._temp_name())
@@ -576,11 +583,6 @@ def _close_all(fd: int, dirs: list[int]) -> None:
     os.close(fd)
     for d in dirs:
         os.close(d)
-
-
-def _start_writeback(fd: int) -> None:
-    """Start writing the file out now (sync_file_range), so the batch's sync waits less."""
-    _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), SYNC_FILE_RANGE_WRITE)
 
 
 def _sync(batch: list[Sealed]) -> None:
