@@ -41,6 +41,10 @@ T = TypeVar("T")
 # when the page cache has the data, so they run inline like metadata calls.
 INLINE_IO = 64 << 10
 
+# The view carries user.* extended attributes only (others are neither shown
+# nor set: ACLs and security labels would not be enforced through the mount).
+USER_XATTRS = "user."
+
 XATTR_METHOD = "user.stormfs.encryption_method"
 XATTR_SIZE = "user.stormfs.encrypted_size"
 XATTR_KEY_ID = "user.stormfs.key_id"
@@ -89,6 +93,11 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
     if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, ctypes.c_uint(flags)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def _user_namespace_only(key: str) -> None:
+    if not key.startswith(USER_XATTRS):
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
 
 def _hidden_name(name: bytes, *, creating: bool) -> None:
@@ -695,8 +704,10 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
-        if key.startswith("security."):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # no labels here; keeps writes cheap
+        if not key.startswith(USER_XATTRS):
+            # Answered without a syscall: the kernel asks for security.capability
+            # on every write and ls for ACLs on every file.
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self.table.get(inode)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             value = (await self._meta(self._virtual_xattrs, node)).get(key)
@@ -722,7 +733,7 @@ class Operations(pyfuse3.Operations):
             own = [
                 n
                 for n in os.listxattr(path, follow_symlinks=False)
-                if not n.startswith(VIRTUAL_XATTR_PREFIX)
+                if n.startswith(USER_XATTRS) and not n.startswith(VIRTUAL_XATTR_PREFIX)
             ]
             return [os.fsencode(n) for n in (*own, *self._virtual_xattrs(node))]
 
@@ -733,6 +744,7 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         key = os.fsdecode(name)
+        _user_namespace_only(key)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return  # read-only and computed: accepted and ignored, so `cp -a` onto a mount works
         node = self.table.get(inode)
@@ -748,6 +760,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         key = os.fsdecode(name)
+        _user_namespace_only(key)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return
         node = self.table.get(inode)
