@@ -48,7 +48,6 @@ class Entry:
 class Verdict:
     status: Status
     detail: str
-    st: os.stat_result | None = None
 
 
 def display(rel: bytes) -> str:
@@ -149,13 +148,11 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
             if not stat.S_ISREG(st.st_mode):
                 return Verdict(Status.UNREADABLE, "no longer a regular file")
             if read_header(fd, st) is fmt.Kind.PLAINTEXT:
-                return Verdict(
-                    Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)", st
-                )
+                return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
             if quick:
-                return Verdict(Status.ENCRYPTED, "envelope header (tag not verified)", st)
+                return Verdict(Status.ENCRYPTED, "envelope header (tag not verified)")
             if keyring is None:
-                return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured", st)
+                return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
             verdict = _authenticate(fd, st, keyring)
             if Identity.of(os.fstat(fd)) == Identity.of(st):
                 return verdict
@@ -174,12 +171,11 @@ def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
             fmt.verify_stream(key.material, _pread_stream(fd), st.st_size)
         except fmt.DecryptionFailed:
             continue
-        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}", st)
+        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}")
     return Verdict(
         Status.DECRYPTION_FAILED,
         "DECRYPTION_FAILED: envelope does not authenticate under the key "
         "(wrong key, damaged or truncated, or plaintext starting with 0x01)",
-        st,
     )
 
 
