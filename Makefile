@@ -14,6 +14,7 @@ SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
 .PHONY: help install system-packages demo test stress lint format clean deploy bench bench-quick gocryptfs
+.PHONY: encrypt-audit encrypt-files
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,6 +39,12 @@ install: $(PY_STAMP) ## set up everything; leaves the command at .venv/bin/storm
 
 demo: install ## mount a demo storage directory, write and read through it, show the envelope
 	$(PY) tools/demo.py
+
+encrypt-audit: install ## SOURCE=DIR: count files encrypted / needing encryption / with issues (ARGS=--json)
+	@tools/encrypt-audit.sh "$(SOURCE)" $(ARGS)
+
+encrypt-files: install ## SOURCE=DIR: encrypt every legacy file in place, with progress (ARGS=--dry-run)
+	@tools/encrypt-files.sh "$(SOURCE)" $(ARGS)
 
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q

@@ -8,13 +8,13 @@ import logging.handlers
 import os
 import sys
 
-from . import __version__, hygiene, keycheck, keys, notify
+from . import __version__, audit, hygiene, keycheck, keys, migrate, notify
 from .daemon import MountError, MountOptions, check_paths, serve
 from .exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "check", "keygen")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
     p.set_defaults(func=_keygen)
+    audit.register(sub)
+    migrate.register(sub)
     return parser
 
 

@@ -7,3 +7,11 @@ USAGE = 2
 KEY_SAFETY = 3
 # The mount could not be set up (mountpoint missing or busy, FUSE unavailable).
 MOUNT_FAILED = 4
+# audit / encrypt: nothing is wrong, but legacy plaintext files remain to be
+# encrypted (audit; encrypt --dry-run).
+WORK_TO_DO = 5
+# audit / encrypt: at least one file needs an operator (decryption_failed,
+# unreadable, or a file encrypt had to leave as it was).  Wins over WORK_TO_DO.
+ISSUES_FOUND = 6
+# encrypt: another `stormfs encrypt` is already running on the same SOURCE.
+BUSY = 7

@@ -249,7 +249,7 @@ class Store:
         ns = (
             None if times is None else (old.st_atime_ns if times[0] is None else times[0], times[1])
         )
-        _copy_metadata(path, old, temp.fd)
+        copy_metadata(path, old, temp.fd)
         if self.key is not None and nonce is not None:
             _set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
         if ns is not None:
@@ -419,7 +419,7 @@ def _copy_xattrs(
             log.debug("extended attribute %s not carried over: %s", name, e.strerror)
 
 
-def _copy_metadata(path: bytes, old: os.stat_result, fd: int) -> None:
+def copy_metadata(path: bytes, old: os.stat_result, fd: int) -> None:
     """Mode, owner and extended attributes of the current version onto the new one."""
     if os.geteuid() == 0:
         os.fchown(fd, old.st_uid, old.st_gid)

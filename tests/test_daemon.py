@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -233,3 +234,16 @@ def test_daemon_keeps_serving_after_errors(mounted: Mount):
     assert (mounted.mnt / "ok").read_bytes() == b"fine"
     time.sleep(0.1)
     assert mounted.proc.poll() is None
+
+
+def test_hung_daemon_is_cleared_without_hanging(mounted: Mount):
+    """A daemon that stops answering fails the caller, and teardown still clears it."""
+    mounted.proc.send_signal(signal.SIGSTOP)
+    try:
+        probe = subprocess.Popen(["stat", str(mounted.mnt / "x")], stdout=subprocess.DEVNULL)
+        with pytest.raises(subprocess.TimeoutExpired):
+            probe.wait(1)
+    finally:
+        mounted.kill()  # SIGKILL works on a stopped process; then fusermount3 -u -z
+    assert probe.wait(10) != 0
+    assert not is_mounted(mounted.mnt)

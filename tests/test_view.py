@@ -193,3 +193,20 @@ def test_pending_writes_win_over_a_replacement_behind_the_mount(mount_factory, k
     assert m.decrypt("f") == b"ours"
     os.unlink(m.mnt / "f")
     assert not (m.source / "f").exists()
+
+
+def test_only_user_xattrs_in_the_view(mounted: Mount):
+    f = mounted.mnt / "f"
+    f.write_bytes(b"x")
+    os.setxattr(mounted.source / "f", "trusted.backing-only", b"1")
+    assert all(n.startswith("user.") for n in os.listxattr(f))
+    for name in ("trusted.x", "security.capability", "system.posix_acl_access"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(f, name)
+        assert e.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as e:
+        os.setxattr(f, "trusted.x", b"1")
+    assert e.value.errno == errno.EOPNOTSUPP
+    # backing attributes outside user.* survive rewrites all the same
+    f.write_bytes(b"rewritten")
+    assert os.getxattr(mounted.source / "f", "trusted.backing-only") == b"1"

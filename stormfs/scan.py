@@ -1,0 +1,211 @@
+"""Walking SOURCE and classifying its files, for `audit` and `encrypt`.
+
+Blocking code.  Nothing here writes: files are opened read-only with
+O_NOATIME where the kernel allows it, so even access times stay as they were.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from . import format as fmt
+from .content import Identity
+from .keys import Keyring
+from .store import KEY_ID_XATTR, is_hidden
+
+# A file that changes while it is being verified is read again this many times.
+VERIFY_ATTEMPTS = 3
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Status(enum.Enum):
+    ENCRYPTED = "encrypted"
+    NEEDS_ENCRYPTION = "needs_encryption"
+    DECRYPTION_FAILED = "decryption_failed"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A regular file found by `walk` (`st` is its lstat), or a place that could not be read."""
+
+    rel: bytes
+    st: os.stat_result | None = None
+    error: OSError | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    detail: str
+
+
+def display(rel: bytes) -> str:
+    """A relative path for output and JSON (undecodable bytes as surrogate escapes)."""
+    return os.fsdecode(rel).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(e: OSError) -> str:
+    if e.errno == errno.ENOENT:
+        return "file not found (removed during the scan)"
+    return e.strerror or str(e)
+
+
+def open_readonly(path: bytes, *, dir_fd: int | None = None) -> int:
+    """Open without following a symlink, blocking on a FIFO, or touching atime."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
+
+
+def walk(
+    root: bytes, *, on_hidden: Callable[[bytes, os.DirEntry], None] | None = None
+) -> Iterator[Entry]:
+    """Every regular file under `root`, depth first, as `Entry` (relative paths).
+
+    Names stormfs keeps for itself (``.stormfs*``) are skipped at every level;
+    `on_hidden` sees them.  Symlinks are not followed; a directory reached
+    twice (bind mounts) is walked once; one that cannot be listed becomes an
+    `Entry` with its error.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if rel:
+                yield Entry(rel, error=e)
+                continue
+            raise
+        subdirs = []
+        for entry in entries:
+            child = os.path.join(rel, entry.name) if rel else entry.name
+            if is_hidden(entry.name):
+                if on_hidden is not None:
+                    on_hidden(child, entry)
+                continue
+            try:
+                est = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone between listing and stat: it is not there any more
+            except OSError as e:
+                yield Entry(child, error=e)
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                subdirs.append(child)
+            elif stat.S_ISREG(est.st_mode):
+                yield Entry(child, st=est)
+        stack.extend(reversed(subdirs))
+
+
+def read_header(fd: int, st: os.stat_result) -> fmt.Kind:
+    return fmt.classify(st.st_size, os.pread(fd, 1, 0) if st.st_size >= fmt.OVERHEAD else b"")
+
+
+def recorded_key_id(fd: int) -> str | None:
+    try:
+        return os.getxattr(fd, KEY_ID_XATTR).decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdict:
+    """Put one file in exactly one class.
+
+    Envelopes are authenticated in full (streaming, bounded memory) unless
+    `quick`, which trusts the header.  A file that changes while it is read is
+    read again; one that keeps changing, cannot be opened or read, or has
+    vanished is `unreadable`.
+    """
+    last = ""
+    for _ in range(VERIFY_ATTEMPTS):
+        try:
+            fd = open_readonly(path)
+        except OSError as e:
+            return Verdict(Status.UNREADABLE, describe(e))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return Verdict(Status.UNREADABLE, "no longer a regular file")
+            if read_header(fd, st) is fmt.Kind.PLAINTEXT:
+                return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
+            if quick:
+                return Verdict(Status.ENCRYPTED, "envelope header (tag not verified)")
+            if keyring is None:
+                return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
+            verdict = _authenticate(fd, st, keyring)
+            if Identity.of(os.fstat(fd)) == Identity.of(st):
+                return verdict
+            last = "kept changing during the scan"
+        except OSError as e:
+            return Verdict(Status.UNREADABLE, describe(e))
+        finally:
+            os.close(fd)
+    return Verdict(Status.UNREADABLE, last)
+
+
+def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
+    key_id = recorded_key_id(fd)
+    for key in keyring.candidates(key_id):
+        try:
+            fmt.verify_stream(key.material, _pread_stream(fd), st.st_size)
+        except fmt.DecryptionFailed:
+            continue
+        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}")
+    return Verdict(
+        Status.DECRYPTION_FAILED,
+        "DECRYPTION_FAILED: envelope does not authenticate under the key "
+        "(wrong key, damaged or truncated, or plaintext starting with 0x01)",
+    )
+
+
+def _pread_stream(fd: int) -> Callable[[int], bytes]:
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        data = os.pread(fd, n, pos)
+        pos += len(data)
+        return data
+
+    return read
+
+
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int = 256
+) -> Iterator[tuple[T, R]]:
+    """`(item, fn(item))` in order, from `workers` threads, at most `window` in flight.
+
+    Unlike `Executor.map`, it does not consume `items` ahead of the window, so a
+    walk over millions of files stays in bounded memory.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[T, Future[R]]] = deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                head, fut = pending.popleft()
+                yield head, fut.result()
+        while pending:
+            head, fut = pending.popleft()
+            yield head, fut.result()

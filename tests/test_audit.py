@@ -1,0 +1,158 @@
+"""`stormfs audit`: one class per file, the JSON of DESIGN §5, exit codes, changes nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stormfs import format as fmt
+from stormfs import keys
+from stormfs.exitcodes import ISSUES_FOUND, OK, USAGE, WORK_TO_DO
+from stormfs.scan import Status, classify_path
+
+from .trees import make_mixed, run_json, snapshot, stormfs, write
+
+STATUSES = {"needs_encryption", "decryption_failed", "unreadable"}
+
+
+def test_every_class_json_schema_and_exit_code(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    tree = make_mixed(src, key)
+    rc, report = run_json("audit", str(src), key=key)
+    assert rc == ISSUES_FOUND
+    for field in ("encrypted", "needs_encryption", "issues"):
+        assert type(report[field]) is int
+    assert report["encrypted"] == len(tree["encrypted"])
+    assert report["needs_encryption"] == len(tree["legacy"])
+    assert report["issues"] == len(tree["broken"])
+    assert report["scanned"] == len(tree["legacy"]) + len(tree["encrypted"]) + len(tree["broken"])
+    by_path = {f["path"]: f for f in report["files"]}
+    assert len(by_path) == len(report["files"])  # each file in one class only
+    for f in report["files"]:
+        assert set(f) >= {"path", "status", "detail"}
+        assert f["status"] in STATUSES
+        assert isinstance(f["detail"], str) and f["detail"] and "\n" not in f["detail"]
+        assert not f["path"].startswith("/")
+    assert {p for p, f in by_path.items() if f["status"] == "needs_encryption"} == set(
+        tree["legacy"]
+    )
+    assert {p for p, f in by_path.items() if f["status"] == "decryption_failed"} == set(
+        tree["broken"]
+    )
+    assert not any(".stormfs" in p for p in by_path)  # stormfs' own names are skipped
+
+
+def test_exit_codes(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    raw = keys.parse_key(key)
+    write(src / "a", fmt.seal(raw, b"fine"))
+    assert stormfs("audit", str(src), key=key).returncode == OK
+    write(src / "b", b"legacy")
+    r = stormfs("audit", str(src), key=key)
+    assert r.returncode == WORK_TO_DO, r.stdout + r.stderr
+    assert "Files needing encryption: 1" in r.stdout
+    assert "needs_encryption" in r.stdout and "b: legacy plaintext" in r.stdout
+    write(src / "c", fmt.seal(raw, b"x")[:-1])
+    assert stormfs("audit", str(src), key=key).returncode == ISSUES_FOUND
+    # usage and key errors
+    assert stormfs("audit", str(src), key=None).returncode == USAGE
+    assert stormfs("audit", str(src), key="not-a-key").returncode == USAGE
+    assert stormfs("audit", str(tmp_path / "missing"), key=key).returncode == USAGE
+    assert stormfs("audit", key=key).returncode == USAGE
+
+
+def test_key_file_as_for_the_mount(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    write(src / "a", fmt.seal(keys.parse_key(key), b"fine"))
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    assert stormfs("audit", str(src), "--key-file", str(key_file), key=None).returncode == OK
+
+
+def test_quick_reads_headers_only(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    tree = make_mixed(src, key)
+    rc, report = run_json("audit", str(src), "--quick", key=None)
+    assert rc == WORK_TO_DO  # damaged envelopes look like envelopes from their header
+    assert report["quick"] is True
+    assert report["encrypted"] == len(tree["encrypted"]) + len(tree["broken"])
+    assert report["needs_encryption"] == len(tree["legacy"])
+
+
+def test_audit_changes_nothing(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    make_mixed(src, key)
+    before = snapshot(src)
+    stormfs("audit", str(src), key=key)
+    stormfs("audit", str(src), "--json", key=key)
+    assert snapshot(src) == before
+    assert sorted(os.listdir(src / ".stormfs")) == ["state-of-the-daemon"]
+
+
+def test_human_output_names_each_file_needing_attention(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    tree = make_mixed(src, key)
+    out = stormfs("audit", str(src), key=key).stdout
+    assert "Files already encrypted:  2" in out
+    assert f"Files needing encryption: {len(tree['legacy'])}" in out
+    assert f"Files with issues:        {len(tree['broken'])}" in out
+    lines = out.splitlines()
+    for rel in tree["broken"]:
+        (line,) = [ln for ln in lines if f"  {rel}: " in ln]
+        assert line.startswith("decryption_failed") and "DECRYPTION_FAILED" in line
+    for rel in tree["legacy"]:
+        (line,) = [ln for ln in lines if f"  {rel}: " in ln]
+        assert line.startswith("needs_encryption")
+
+
+# Root reads everything; without these capabilities it meets real EACCES.
+NO_DAC = (
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+)
+
+
+def test_unreadable_file_and_directory(tmp_path: Path, key: str):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root's file-access override")
+    src = tmp_path / "src"
+    write(src / "ok.txt", b"legacy")
+    write(src / "secret", b"no access").chmod(0)
+    write(src / "closed/inner", b"x")
+    (src / "closed").chmod(0)
+    rc, report = run_json("audit", str(src), key=key, prefix=NO_DAC)
+    assert rc == ISSUES_FOUND
+    by_path = {f["path"]: f for f in report["files"]}
+    assert by_path["secret"]["status"] == "unreadable"
+    assert "Permission denied" in by_path["secret"]["detail"]
+    assert by_path["closed"]["status"] == "unreadable"
+    assert by_path["ok.txt"]["status"] == "needs_encryption"
+    assert report["issues"] == 2
+    (src / "closed").chmod(0o755)
+
+
+def test_io_error_is_unreadable(tmp_path: Path, key: str, mount_factory):
+    """A file whose reads fail with EIO: a damaged envelope seen through a stormfs mount."""
+    inner = tmp_path / "inner"
+    write(inner / "damaged", b"\x01" + bytes(40))
+    write(inner / "good", fmt.seal(keys.parse_key(key), b"lets the mount's key check pass"))
+    src = tmp_path / "src"
+    write(src / "plain", b"legacy")
+    mount_factory(inner, src / "mnt")
+    rc, report = run_json("audit", str(src), key=key)
+    by_path = {f["path"]: f for f in report["files"]}
+    assert by_path["mnt/damaged"]["status"] == "unreadable"
+    assert "Input/output error" in by_path["mnt/damaged"]["detail"]
+    assert rc == ISSUES_FOUND
+
+
+def test_vanished_file_is_unreadable(tmp_path: Path, key: str):
+    """The spec's "File Not Found": listed, then gone before it was read."""
+    verdict = classify_path(os.fsencode(tmp_path / "gone"), None, quick=False)
+    assert verdict.status is Status.UNREADABLE
+    assert "not found" in verdict.detail

@@ -1,0 +1,144 @@
+"""Storage trees for the audit and encrypt tests, and ways to look at them."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from stormfs import format as fmt
+from stormfs import keys
+
+RUN_TIMEOUT = 120
+
+
+def stormfs(
+    *args: str,
+    key: str | None,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    **kw: Any,
+) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
+    if key is not None:
+        full_env[keys.ENV_KEY] = key
+    full_env.update(env or {})
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "stormfs", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=RUN_TIMEOUT,
+        **kw,
+    )
+
+
+def run_json(*args: str, key: str | None, **kw: Any) -> tuple[int, dict[str, Any]]:
+    r = stormfs(*args, "--json", key=key, **kw)
+    try:
+        return r.returncode, json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"not JSON (rc {r.returncode}):\n{r.stdout}\n{r.stderr}") from None
+
+
+def plain_decrypt(key: str, data: bytes) -> bytes:
+    """DESIGN §1's recipe, nothing else."""
+    assert data[:1] == b"\x01"
+    raw = keys.parse_key(key)
+    return AESGCM(raw).decrypt(data[1:13], data[13:], None)
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def make_mixed(root: Path, key: str) -> dict[str, Any]:
+    """A tree with every class present.  Returns what each file is expected to be."""
+    raw = keys.parse_key(key)
+    other = keys.parse_key(keys.generate_key())
+    legacy = {
+        "notes.txt": b"hello world\n" * 50,
+        "empty": b"",
+        "tiny": b"x",
+        "docs/report.pdf": os.urandom(200_000),
+        "docs/deep/er/file.bin": os.urandom(70_000),
+        "short-01": b"\x01" + b"a" * 27,  # 28 bytes: plaintext by the size rule
+        "spaces and ünïcode.txt": "grüße\n".encode() * 10,
+    }
+    plain_encrypted = {"enc/a.bin": os.urandom(5000), "enc/empty": b""}
+    for rel, data in legacy.items():
+        write(root / rel, data)
+    for rel, data in plain_encrypted.items():
+        write(root / rel, fmt.seal(raw, data))
+    good = fmt.seal(raw, b"some content here" * 10)
+    flipped = bytearray(good)
+    flipped[40] ^= 0x04
+    broken = {
+        "bad/bitflip": bytes(flipped),
+        "bad/truncated": good[:-5],
+        "bad/x01-plaintext": b"\x01" + b"legacy text that starts with 0x01" * 3,
+        "bad/other-key": fmt.seal(other, b"written with another key"),
+    }
+    for rel, data in broken.items():
+        write(root / rel, data)
+    # stormfs' own names, skipped at every level
+    write(root / ".stormfs/state-of-the-daemon", b"x" * 40)
+    write(root / "docs/.stormfs-tmp-0123456789abcdef", fmt.seal(raw, b"daemon temp"))
+    # not regular files: skipped
+    os.symlink("notes.txt", root / "link-to-notes")
+    os.mkfifo(root / "fifo")
+    return {"legacy": legacy, "encrypted": plain_encrypted, "broken": broken}
+
+
+def snapshot(root: Path, *, atime: bool = True) -> dict[str, tuple]:
+    """Everything observable about every entry under root (content, metadata, xattrs),
+    except inside the state directory ``root/.stormfs``, which stormfs keeps for itself."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and ".stormfs" in dirnames:
+            dirnames.remove(".stormfs")
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath, name)
+            st = p.lstat()
+            data = read_noatime(p) if stat.S_ISREG(st.st_mode) else None
+            try:
+                xattrs = {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p)}
+            except OSError:
+                xattrs = {}
+            meta = (
+                st.st_mode,
+                st.st_ino,
+                st.st_nlink,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_atime_ns if atime and stat.S_ISREG(st.st_mode) else None,
+            )
+            out[str(p.relative_to(root))] = (meta, data, tuple(sorted(xattrs.items())))
+    return out
+
+
+def read_noatime(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files of `stormfs encrypt` under root."""
+    return [
+        str(Path(d, n).relative_to(root))
+        for d, _, files in os.walk(root)
+        for n in files
+        if n.startswith(".stormfs-tmp-enc-")
+    ]
