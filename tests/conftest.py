@@ -11,6 +11,7 @@ the suite made (see keyscan.py).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -215,6 +216,20 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
             done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def audit(source: Path, key: str) -> tuple[int, dict]:
+    """`stormfs audit SOURCE --json` with `key`: its exit code and report."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
+    env[keys.ENV_KEY] = key
+    done = subprocess.run(
+        stormfs_cmd("audit", str(source), "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, json.loads(done.stdout)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

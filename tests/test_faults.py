@@ -24,7 +24,7 @@ import pytest
 from stormfs import format as fmt
 from stormfs import keys
 
-from .conftest import Mount, MountFactory, wait_for
+from .conftest import Mount, MountFactory, audit, wait_for
 from .test_view import storm_cloud_envelope
 
 pytestmark = pytest.mark.faults
@@ -648,16 +648,23 @@ def test_v1_cannot_detect_copy_rollback_or_swap(mount_factory: MountFactory):
 
 def test_mixed_mode_serves_plaintext_placed_in_source(mounted: Mount):
     """Anyone who can write SOURCE can plant a plaintext file: mixed mode serves it,
-    marked `encryption_method=none`."""
+    marked `encryption_method=none`; `stormfs audit` lists it as needing encryption."""
     (mounted.source / "planted.txt").write_bytes(b"not from us")
     assert (mounted.mnt / "planted.txt").read_bytes() == b"not from us"
     assert os.getxattr(mounted.mnt / "planted.txt", "user.stormfs.encryption_method") == b"none"
+    assert mounted.key is not None
+    code, report = audit(mounted.source, mounted.key)
+    assert code == 5
+    assert [(f["path"], f["status"]) for f in report["files"]] == [
+        ("planted.txt", "needs_encryption")
+    ]
 
 
 @pytest.mark.parametrize("where", ["nonce", "body", "tag", "truncate", "extend"])
 def test_tampered_envelope_is_named_in_log_once_per_version(mount_factory, tmp_path, key, where):
     """Each kind of damage: EIO on every read, one DECRYPTION_FAILED line naming the file
-    (the verdict is remembered, not recomputed per read), the file itself never modified."""
+    (the verdict is remembered, not recomputed per read), `stormfs audit` lists it, and
+    the file itself is never modified."""
     source = tmp_path / "src"
     (source / "dir").mkdir(parents=True)
     env = bytearray(storm_cloud_envelope(key, os.urandom(200_000)))
@@ -680,6 +687,11 @@ def test_tampered_envelope_is_named_in_log_once_per_version(mount_factory, tmp_p
     _still_serves(m)
     m.stop()
     assert m.logtext().count("DECRYPTION_FAILED: dir/doc.bin") == 1
+    code, report = audit(source, key)
+    assert code == 6 and report["issues"] == 1 and report["encrypted"] == 2  # good, canary
+    assert [(f["path"], f["status"]) for f in report["files"]] == [
+        ("dir/doc.bin", "decryption_failed")
+    ]
     assert (source / "dir" / "doc.bin").read_bytes() == env
     assert key not in m.logtext()
     assert keys.parse_key(key) not in m.log.read_bytes()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, MountFactory, wait_for
+from .conftest import Mount, MountFactory, audit, wait_for
 
 pytestmark = pytest.mark.shared
 
@@ -120,11 +120,12 @@ def test_handles_keep_their_version_when_another_open_sees_a_new_one(
 
 @pytest.mark.timeout(180)
 def test_concurrent_writers_on_two_daemons_end_with_one_complete_version(
-    mount_factory: MountFactory, tmp_path: Path
+    mount_factory: MountFactory, tmp_path: Path, key: str
 ):
     """Writers on daemons a and b rewrite one file whole, over and over; readers on a third
-    daemon c never see a mix or an error; at the end every view shows one complete version,
-    the same everywhere, and it is what SOURCE decrypts to."""
+    daemon c never see a mix or an error, nor does `stormfs audit` running all along; at
+    the end every view shows one complete version, the same everywhere, and it is what
+    SOURCE decrypts to."""
     source = tmp_path / "shared"
     a, b, c = (mount_factory(source, args=TIMEOUTS) for _ in range(3))
     rng = random.Random(5)
@@ -169,16 +170,28 @@ def test_concurrent_writers_on_two_daemons_end_with_one_complete_version(
         threading.Thread(target=writer, args=(a, b"a", 1)),
         threading.Thread(target=writer, args=(b, b"b", 2)),
     ]
+    audits: list[dict] = []
+
+    def auditor() -> None:
+        while not stop.is_set():
+            code, report = audit(source, key)
+            audits.append(report)
+            if code != 0:
+                problems.append(f"audit exited {code}: {report['files']}")
+
     readers = [threading.Thread(target=reader, args=(c,)) for _ in range(2)]
+    readers.append(threading.Thread(target=auditor))
     for t in writers + readers:
         t.start()
     for t in writers:
         t.join(150)
     stop.set()
     for t in readers:
-        t.join(30)
+        t.join(60)
     assert not problems, problems[:10]
-    assert reads[0] > 0
+    assert reads[0] > 0 and audits
+    # the audit never saw a temporary, a half-written file or anything but one envelope
+    assert all((r["encrypted"], r["issues"], r["needs_encryption"]) == (1, 0, 0) for r in audits)
     time.sleep(SETTLE)
     final = c.decrypt("f")
     assert complete(final) and hashlib.sha256(final).digest() in written
