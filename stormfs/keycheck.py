@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from . import format as fmt
 from .exitcodes import KEY_SAFETY
 from .keys import ENV_KEY, Key, Keyring
+from .store import open_readonly
 
 STATE_DIR = ".stormfs"
 CHECK_NAME = "keycheck"
@@ -236,7 +237,7 @@ def _compare(recorded: KeyCheck, keyring: Keyring) -> Mode:
 
 
 def _first_byte(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_readonly(path)
     try:
         return os.read(fd, 1)
     finally:
@@ -248,7 +249,7 @@ def _authenticates(path: str, keyring: Keyring) -> bool:
     (streaming, bounded memory)."""
     for key in keyring.candidates(None):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = open_readonly(path)
         except OSError:
             return False
         with os.fdopen(fd, "rb") as f:

@@ -65,8 +65,8 @@ from . import keycheck, keys
 from .content import Identity
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 from .progress import Progress, human_bytes, human_duration
-from .scan import Entry, bounded_map, describe, display, open_readonly, read_header, walk
-from .store import KEY_ID_XATTR, LOCAL_TMP_PREFIX, STATE_DIR, copy_metadata
+from .scan import Entry, bounded_map, describe, display, read_header, walk
+from .store import KEY_ID_XATTR, LOCAL_TMP_PREFIX, STATE_DIR, copy_metadata, open_readonly
 
 TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 STATE_SUBDIR = b"encrypt"

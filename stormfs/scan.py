@@ -19,7 +19,7 @@ from typing import TypeVar
 from . import format as fmt
 from .content import Identity
 from .keys import Keyring
-from .store import KEY_ID_XATTR, is_hidden
+from .store import KEY_ID_XATTR, is_hidden, open_readonly
 
 # A file that changes while it is being verified is read again this many times.
 VERIFY_ATTEMPTS = 3
@@ -59,15 +59,6 @@ def describe(e: OSError) -> str:
     if e.errno == errno.ENOENT:
         return "file not found (removed during the scan)"
     return e.strerror or str(e)
-
-
-def open_readonly(path: bytes, *, dir_fd: int | None = None) -> int:
-    """Open without following a symlink, blocking on a FIFO, or touching atime."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
 
 
 def walk(

@@ -41,6 +41,15 @@ KEY_ID_XATTR = "user.stormfs.key_id"
 VIRTUAL_XATTR_PREFIX = "user.stormfs."
 
 
+def open_readonly(path: bytes | str, *, dir_fd: int | None = None) -> int:
+    """Open without following a symlink, blocking on a FIFO, or touching atime."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
+
+
 def is_hidden(name: bytes) -> bool:
     """Names stormfs keeps for itself: invisible in the view, refused when created."""
     return name.startswith(HIDDEN_PREFIX)
@@ -156,7 +165,7 @@ class Store:
         ident = Identity.of(st)
         kind = self._kinds.get(ident)
         if kind is None:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_readonly(path)
             try:
                 kind = fmt.classify(st.st_size, os.pread(fd, 1, 0))
             finally:
