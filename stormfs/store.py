@@ -23,6 +23,7 @@ import secrets
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,10 @@ HIDDEN_PREFIX = b".stormfs"
 # on another filesystem than the state directory); hidden by HIDDEN_PREFIX too.
 LOCAL_TMP_PREFIX = b".stormfs-tmp-"
 KEY_ID_XATTR = "user.stormfs.key_id"
+# An instance directory's name while its daemon is starting, and how long a
+# daemon may take from creating it to locking it.
+STARTING = b".starting"
+STARTING_GRACE = 60.0
 VIRTUAL_XATTR_PREFIX = "user.stormfs."
 
 
@@ -103,15 +108,17 @@ class Store:
         os.makedirs(self.state, mode=0o700, exist_ok=True)
         self._tmp_parent = os.path.join(self.state, b"tmp")
         os.makedirs(self._tmp_parent, mode=0o700, exist_ok=True)
-        self.instance = os.path.join(
-            self._tmp_parent,
-            f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}".encode(),
-        )
-        os.mkdir(self.instance, 0o700)
+        name = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}".encode()
+        self.instance = os.path.join(self._tmp_parent, name)
+        # Locked before it takes its name, so another daemon's recovery never
+        # sees this instance directory unlocked.
+        staging = self.instance + STARTING
+        os.mkdir(staging, 0o700)
         self._lock_fd = os.open(
-            os.path.join(self.instance, b"lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            os.path.join(staging, b"lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
         )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, self.instance)
         self.instance_fd = os.open(self.instance, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._state_dev = os.fstat(self.instance_fd).st_dev
         self._seq = 0
@@ -129,6 +136,8 @@ class Store:
                 lock_fd = os.open(os.path.join(entry.path, b"lock"), os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 lock_fd = -1
+                if entry.name.endswith(STARTING) and _age(entry) < STARTING_GRACE:
+                    continue  # a daemon between its mkdir and its lock
             try:
                 if lock_fd >= 0:
                     try:
@@ -158,30 +167,31 @@ class Store:
         """A path relative to SOURCE, for log lines."""
         return os.fsdecode(os.path.relpath(path, self.root))
 
-    def kind(self, path: bytes, st: os.stat_result) -> fmt.Kind:
-        """Mixed-mode class of a regular file, cached by its identity."""
-        if st.st_size < fmt.OVERHEAD:
-            return fmt.Kind.PLAINTEXT
-        ident = Identity.of(st)
-        kind = self._kinds.get(ident)
+    def stat(self, path: bytes) -> tuple[os.stat_result, int, fmt.Kind | None]:
+        """lstat, plus the plaintext size and the mixed-mode class of a regular file.
+
+        Classes are cached by identity.  A file classified from its first byte is
+        described by the fstat of the descriptor read, so a file replaced between
+        the lstat and the open is never described by the other one's class.
+        """
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < fmt.OVERHEAD:
+            return st, st.st_size, fmt.Kind.PLAINTEXT if stat.S_ISREG(st.st_mode) else None
+        kind = self._kinds.get(Identity.of(st))
         if kind is None:
-            fd = open_readonly(path)
             try:
+                fd = open_readonly(path)
+            except PermissionError:
+                return st, st.st_size, None
+            try:
+                opened = os.fstat(fd)
+                if not stat.S_ISREG(opened.st_mode):
+                    return opened, opened.st_size, None
+                st = opened
                 kind = fmt.classify(st.st_size, os.pread(fd, 1, 0))
             finally:
                 os.close(fd)
-            self._kinds.put(ident, kind)
-        return kind
-
-    def stat(self, path: bytes) -> tuple[os.stat_result, int, fmt.Kind | None]:
-        """lstat, plus the plaintext size and the class for regular files."""
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return st, st.st_size, None
-        try:
-            kind = self.kind(path, st)
-        except PermissionError:
-            return st, st.st_size, None
+            self._kinds.put(Identity.of(st), kind)
         return st, fmt.plaintext_size(st.st_size, kind), kind
 
     def key_id_of(self, path: bytes) -> str | None:
@@ -377,6 +387,13 @@ def _replaced(path: bytes) -> OSError:
     """The regular file the kernel knows was replaced by another kind of object behind
     the mount.  ESTALE makes the kernel look the name up again and retry."""
     return OSError(errno.ESTALE, "no longer a regular file", os.fsdecode(path))
+
+
+def _age(entry: os.DirEntry) -> float:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _write_durably(dir_fd: int, name: bytes, data: bytes) -> None:

@@ -173,3 +173,28 @@ def test_scratch_never_holds_plaintext(store: Store, tmp_path: Path):
     commit(store, w, path)
     reader.close()
     assert b"PLAINTEXT-MARKER" not in path.read_bytes()
+
+
+def test_starting_instance_is_left_alone(tmp_path: Path):
+    """A daemon between creating its instance directory and locking it is not cleaned up."""
+    tmp = tmp_path / ".stormfs" / "tmp"
+    fresh, stale = tmp / "host.1.aaaa.starting", tmp / "host.2.bbbb.starting"
+    fresh.mkdir(parents=True)
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    s = Store(tmp_path, KEY)
+    try:
+        assert fresh.exists() and not stale.exists()
+        assert not any(p.name.endswith(".starting") for p in tmp.iterdir() if p != fresh)
+    finally:
+        s.close()
+
+
+def test_stat_classifies_a_rewritten_file_afresh(store: Store, tmp_path: Path):
+    path = tmp_path / "f"
+    path.write_bytes(fmt.seal(KEY.material, b"x" * 100))
+    _, size, kind = store.stat(bytes(path))
+    assert (kind, size) == (fmt.Kind.ENCRYPTED, 100)
+    path.write_bytes(b"plain text now, and long enough to be an envelope")
+    st2, size2, kind2 = store.stat(bytes(path))
+    assert kind2 is fmt.Kind.PLAINTEXT and size2 == st2.st_size
