@@ -67,9 +67,10 @@ bench: install gocryptfs ## benchmark raw / passthrough / gocryptfs / stormfs (B
 bench-quick: install gocryptfs ## short benchmark smoke run (small sizes, one round)
 	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
-lint: install ## ruff
+lint: install ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy stormfs
 
 format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .

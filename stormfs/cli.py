@@ -10,7 +10,7 @@ import sys
 
 from . import __version__, audit, hygiene, keycheck, keys, migrate, notify
 from .daemon import MountError, MountOptions, check_paths, serve
-from .exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE
+from .exitcodes import MOUNT_FAILED, OK, USAGE
 
 log = logging.getLogger("stormfs")
 
@@ -20,6 +20,10 @@ LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 def _err(message: str) -> None:
     print(f"stormfs: {message}", file=sys.stderr)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _setup_logging(log_file: str | None, *, debug: bool, background: bool) -> None:
@@ -56,14 +60,9 @@ def _mount(args: argparse.Namespace) -> int:
         _err(str(e))
         return USAGE
     hygiene.scrub_key_environment()
-    try:
-        keycheck.preflight(source, keyring, echo=lambda line: print(line, file=sys.stderr))
-    except keycheck.SafetyError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code or KEY_SAFETY
-    except OSError as e:
-        _err(f"cannot check the key against {source}: {e}")
-        return MOUNT_FAILED
+    refused = keycheck.preflight_or_refuse(source, keyring, echo=_stderr)
+    if isinstance(refused, int):
+        return refused
     if args.foreground:
         _setup_logging(args.log_file, debug=args.debug, background=False)
         try:
@@ -135,14 +134,9 @@ def _check(args: argparse.Namespace) -> int:
     except keys.InvalidKey as e:
         _err(str(e))
         return USAGE
-    try:
-        mode = keycheck.preflight(args.source, keyring, echo=print)
-    except keycheck.SafetyError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        _err(f"{args.source}: {e.strerror or e}")
-        return USAGE
+    mode = keycheck.preflight_or_refuse(args.source, keyring, echo=print)
+    if isinstance(mode, int):
+        return mode
     if mode is keycheck.Mode.PASSTHROUGH or keyring is None:
         print(f"OK: {args.source} can be mounted as a plain pass-through (no key)")
     else:

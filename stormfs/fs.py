@@ -30,7 +30,7 @@ import trio
 from . import format as fmt
 from .content import EnvelopeReader, Identity, PlainReader, Reader
 from .inodes import InodeTable, Node
-from .store import VIRTUAL_XATTR_PREFIX, Store, is_hidden
+from .store import VIRTUAL_XATTR_PREFIX, Store, is_hidden, sync_dir
 from .working import WorkingCopy
 
 log = logging.getLogger(__name__)
@@ -645,7 +645,7 @@ class Operations(pyfuse3.Operations):
             if node.working is not None:
                 await self._commit(node, durable=True)
             elif isinstance(target := self._target(node), bytes):
-                await self._run(_sync_parent, target)
+                await self._run(sync_dir, os.path.dirname(target))
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -720,7 +720,7 @@ class Operations(pyfuse3.Operations):
         dh = self._handles.get(fh)
         if not isinstance(dh, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        await self._run(_sync_dir, self.table.path(dh.node))
+        await self._run(sync_dir, self.table.path(dh.node))
 
     # ---- extended attributes --------------------------------------------------
 
@@ -815,15 +815,3 @@ class Operations(pyfuse3.Operations):
 
         async with node.lock:
             await self._meta(work)
-
-
-def _sync_dir(path: bytes) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_parent(path: bytes) -> None:
-    _sync_dir(os.path.dirname(path))

@@ -20,13 +20,14 @@ import fcntl
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
-from .exitcodes import KEY_SAFETY
+from .exitcodes import KEY_SAFETY, USAGE
 from .keys import ENV_KEY, Key, Keyring
-from .store import open_readonly
+from .store import open_readonly, sync_dir
 
 STATE_DIR = ".stormfs"
 CHECK_NAME = "keycheck"
@@ -187,6 +188,20 @@ def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], Non
     return Mode.ENCRYPTED
 
 
+def preflight_or_refuse(
+    source: str, keyring: Keyring | None, *, echo: Callable[[str], None]
+) -> Mode | int:
+    """`preflight` for a command: a refusal is printed to stderr, its exit code returned."""
+    try:
+        return preflight(source, keyring, echo=echo)
+    except SafetyError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"stormfs: cannot check the key against {source}: {e.strerror or e}", file=sys.stderr)
+        return USAGE
+
+
 def key_prefix(key: Key) -> str:
     """The first characters of the key's base64url text, as the NOTICE shows them.
 
@@ -271,7 +286,7 @@ def _locked_state_dir(source: str) -> Iterator[int]:
         pass
     else:
         os.chmod(path, 0o700)
-        _fsync_dir(source)
+        sync_dir(source)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
@@ -297,11 +312,3 @@ def _write_atomically(dir_fd: int, name: str, data: bytes) -> None:
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     os.fsync(dir_fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -290,15 +290,15 @@ class Migrator:
             while True:
                 while len(pending) < 2 * workers and (job := next(todo, None)) is not None:
                     pending[pool.submit(self.prepare, job)] = job
-                for fut in [c for c in committing if c.done()]:
-                    committing.remove(fut)
-                    yield from fut.result()
+                for done in [c for c in committing if c.done()]:
+                    committing.remove(done)
+                    yield from done.result()
                 if not (pending or batch or committing):
                     return
-                waiting = {*pending, *committing}
+                waiting: set[Future[Any]] = {*pending, *committing}
                 for fut in wait(waiting, POLL, FIRST_COMPLETED).done & pending.keys():
                     job = pending.pop(fut)
-                    result = fut.result()
+                    result: Sealed | Outcome = fut.result()
                     if isinstance(result, Sealed):
                         batch.append(result)
                         batch_bytes += result.st.st_size
@@ -323,7 +323,7 @@ class Migrator:
                     or (batch and time.monotonic() - batch[0].since >= BATCH_AGE)
                 )
                 if batch and full and len(committing) < 2:
-                    committing.append(committer.submit(lambda b=batch: list(self.commit(b))))
+                    committing.append(committer.submit(self._commit_all, batch))
                     batch, batch_bytes = [], 0
 
     # ---- sealing (worker threads) -----------------------------------------------
@@ -477,6 +477,9 @@ class Migrator:
         return name
 
     # ---- swapping in (main thread) --------------------------------------------
+
+    def _commit_all(self, batch: list[Sealed]) -> list[tuple[Job, Outcome]]:
+        return list(self.commit(batch))
 
     def commit(self, batch: list[Sealed]) -> Iterator[tuple[Job, Outcome]]:
         try:
@@ -814,14 +817,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         p = plan(root, args.jobs)
         return _report(args, root, keyring.current, p, [], 0.0, stale=len(p.stale), dry_run=True)
-    try:
-        keycheck.preflight(source, keyring, echo=lambda line: print(line, file=sys.stderr))
-    except keycheck.SafetyError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        _err(f"{source}: {e.strerror or e}")
-        return USAGE
+    refused = keycheck.preflight_or_refuse(
+        source, keyring, echo=lambda line: print(line, file=sys.stderr)
+    )
+    if isinstance(refused, int):
+        return refused
     with _exclusive(root) as state_fd:
         if state_fd is None:
             _err(f"another stormfs encrypt is running on {source}")

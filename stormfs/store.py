@@ -55,6 +55,15 @@ def open_readonly(path: bytes | str, *, dir_fd: int | None = None) -> int:
         return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
 
 
+def sync_dir(path: bytes | str) -> None:
+    """fsync a directory: the names created, renamed or removed in it become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def is_hidden(name: bytes) -> bool:
     """Names stormfs keeps for itself: invisible in the view, refused when created."""
     return name.startswith(HIDDEN_PREFIX)
