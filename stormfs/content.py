@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from . import format as fmt
@@ -145,15 +146,8 @@ class EnvelopeReader:
         return known
 
     def _verify_once(self) -> bytes:
-        pos = [0]
-
-        def read(n: int) -> bytes:
-            data = os.pread(self.fd, n, pos[0])
-            pos[0] += len(data)
-            return data
-
         try:
-            return fmt.verify_stream(self.key, read, self.ident.size)
+            return fmt.verify_stream(self.key, pread_stream(self.fd), self.ident.size)
         except fmt.DecryptionFailed:
             self.verdicts.put(self.ident, FAILED)
             log.error("DECRYPTION_FAILED: %s", self.name)
@@ -175,6 +169,19 @@ class EnvelopeReader:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def pread_stream(fd: int) -> Callable[[int], bytes]:
+    """`read(n)` over a file from its start, by pread (the descriptor's offset is left alone)."""
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        data = os.pread(fd, n, pos)
+        pos += len(data)
+        return data
+
+    return read
 
 
 def read_full(reader: Reader, offset: int, n: int) -> bytes:

@@ -62,7 +62,7 @@ from typing import Any
 
 from . import format as fmt
 from . import keycheck, keys
-from .content import Identity
+from .content import Identity, pread_stream
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 from .progress import Progress, human_bytes, human_duration
 from .scan import Entry, bounded_map, describe, display, read_header, walk
@@ -438,17 +438,9 @@ class Migrator:
     def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int) -> None:
         """The copy on disk authenticates, with our nonce and tag: it decrypts to what we read."""
         size = plain_size + fmt.OVERHEAD
-        pos = 0
-
-        def read(n: int) -> bytes:
-            nonlocal pos
-            data = os.pread(out, n, pos)
-            pos += len(data)
-            return data
-
         if os.fstat(out).st_size != size:
             raise fmt.DecryptionFailed("size")
-        got = fmt.verify_stream(self.key.material, read, size)
+        got = fmt.verify_stream(self.key.material, pread_stream(out), size)
         if got != nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tag:
             raise fmt.DecryptionFailed("mismatch")
 

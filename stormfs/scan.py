@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import format as fmt
-from .content import Identity
+from .content import Identity, pread_stream
 from .keys import Keyring
 from .store import KEY_ID_XATTR, is_hidden, open_readonly
 
@@ -159,7 +159,7 @@ def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
     key_id = recorded_key_id(fd)
     for key in keyring.candidates(key_id):
         try:
-            fmt.verify_stream(key.material, _pread_stream(fd), st.st_size)
+            fmt.verify_stream(key.material, pread_stream(fd), st.st_size)
         except fmt.DecryptionFailed:
             continue
         return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}")
@@ -168,18 +168,6 @@ def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
         "DECRYPTION_FAILED: envelope does not authenticate under the key "
         "(wrong key, damaged or truncated, or plaintext starting with 0x01)",
     )
-
-
-def _pread_stream(fd: int) -> Callable[[int], bytes]:
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        data = os.pread(fd, n, pos)
-        pos += len(data)
-        return data
-
-    return read
 
 
 def bounded_map(
