@@ -18,7 +18,16 @@ from stormfs import format as fmt
 from stormfs import keys, migrate
 from stormfs.exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 
-from .trees import leftovers, make_mixed, plain_decrypt, run_json, snapshot, stormfs, write
+from .trees import (
+    leftovers,
+    legacy_bytes,
+    make_mixed,
+    plain_decrypt,
+    run_json,
+    snapshot,
+    stormfs,
+    write,
+)
 
 NO_DAC = (
     "setpriv",
@@ -114,7 +123,7 @@ def test_mixed_tree(tmp_path: Path, key: str):
 
 def test_metadata_is_kept(tmp_path: Path, key: str):
     src = tmp_path / "src"
-    f = write(src / "dir/file", os.urandom(10_000))
+    f = write(src / "dir/file", legacy_bytes(10_000))
     os.chown(f, 1234, 5678)
     f.chmod(0o2741)
     os.setxattr(f, "user.color", b"blue")
@@ -139,7 +148,7 @@ def test_metadata_is_kept(tmp_path: Path, key: str):
 
 def test_hard_links(tmp_path: Path, key: str):
     src = tmp_path / "src"
-    data = os.urandom(300_000)
+    data = legacy_bytes(300_000)
     a = write(src / "a/one", data)
     os.link(a, write(src / "b/x", b"").parent / "two")
     os.link(a, src / "three")
@@ -285,7 +294,7 @@ def test_sparse_file_growth_is_reported(tmp_path: Path, key: str):
 def test_progress_plain_lines_and_summary(tmp_path: Path, key: str):
     src = tmp_path / "src"
     for i in range(5):
-        write(src / f"f{i}", os.urandom(1000))
+        write(src / f"f{i}", legacy_bytes(1000))
     r = stormfs("encrypt", str(src), "--force", key=key)
     assert r.returncode == OK
     assert "encrypt: files 5/5" in r.stderr  # a plain line, no bar, off a terminal
@@ -297,7 +306,7 @@ def test_progress_plain_lines_and_summary(tmp_path: Path, key: str):
 def test_progress_bar_on_a_terminal(tmp_path: Path, key: str):
     src = tmp_path / "src"
     for i in range(3):
-        write(src / f"f{i}", os.urandom(100_000))
+        write(src / f"f{i}", legacy_bytes(100_000))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
     env[keys.ENV_KEY] = key
     primary, secondary = pty.openpty()

@@ -54,6 +54,13 @@ def plain_decrypt(key: str, data: bytes) -> bytes:
     return AESGCM(raw).decrypt(data[1:13], data[13:], None)
 
 
+def legacy_bytes(n: int) -> bytes:
+    """Random content of a legacy plaintext file: never starting 0x01, which would make
+    a file of 29 bytes or more look like an envelope (DECRYPTION_FAILED)."""
+    data = os.urandom(n)
+    return b"\x00" + data[1:] if data[:1] == b"\x01" else data
+
+
 def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
