@@ -163,7 +163,7 @@ def decrypt_range(key: bytes, nonce: bytes, offset: int, ciphertext: bytes | mem
     """Decrypt ciphertext that starts at plaintext `offset` of a verified envelope.
 
     Only call this on an envelope whose tag has been verified: CTR alone gives
-    no integrity.  Encryption is the same operation (`encrypt_range`).
+    no integrity.
     """
     skip = offset % AES_BLOCK
     ctr = Cipher(algorithms.AES(key), modes.CTR(ctr_counter(nonce, offset // AES_BLOCK)))
@@ -171,9 +171,6 @@ def decrypt_range(key: bytes, nonce: bytes, offset: int, ciphertext: bytes | mem
     if skip:
         dec.update(bytes(skip))
     return dec.update(ciphertext) + dec.finalize()
-
-
-encrypt_range = decrypt_range
 
 
 def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
