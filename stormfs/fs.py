@@ -191,14 +191,11 @@ class Operations(pyfuse3.Operations):
 
     def _stat_node(self, node: Node) -> tuple[os.stat_result, int]:
         """Blocking: the node's backing stat and plaintext size (by name, or by open file)."""
-        try:
-            path = self.table.path(node)
-        except OSError:
-            if node.reader is None:
-                raise
-            st = os.fstat(node.reader.fd)  # unlinked but open
-            return st, node.reader.size
-        st, size, _ = self.store.stat(path)
+        target = self._target(node)
+        if isinstance(target, int):  # unlinked but open: the descriptor of node.reader
+            assert node.reader is not None
+            return os.fstat(target), node.reader.size
+        st, size, _ = self.store.stat(target)
         if node.reader is not None:
             held = os.fstat(node.reader.fd)
             if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):

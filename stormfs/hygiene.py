@@ -15,7 +15,6 @@ from collections.abc import MutableMapping
 from .keys import ENV_KEY
 
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -30,10 +29,6 @@ def disable_core_dumps() -> None:
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
-
-
-def is_dumpable() -> bool:
-    return _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
 
 
 def scrub_key_environment(environ: MutableMapping[str, str] = os.environ) -> None:
