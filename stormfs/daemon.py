@@ -167,8 +167,12 @@ async def _main(
 
 
 async def _announce(mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
-    """The mount answers once a stat of its root comes back (served by this daemon)."""
-    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    """The mount answers once a stat of its root comes back (served by this daemon).
+
+    A stop may come first: the thread is then left behind instead of awaited, since
+    its request is answered (ENOTCONN) only once the session closes after `main()`.
+    """
+    st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     _set_readahead(st.st_dev, opts.readahead_kb)
     log.info("mounted %s", mountpoint)
     ready()

@@ -43,14 +43,44 @@ def stormfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "stormfs", *args]
 
 
+def real_mountpoint(path: Path) -> str:
+    """The canonical path of a mount point, found without asking the mount (it may hang)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    target = real_mountpoint(path)
     with open("/proc/mounts") as f:
         return any(line.split()[1] == target for line in f)
 
 
 def force_unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
+
+
+def abort_fuse_connection(path: Path) -> None:
+    """End every request pending on the FUSE mount at `path`, as a dead daemon's would be.
+
+    A daemon process that cannot exit (one of its threads waits for an answer from its
+    own mount) keeps the connection alive; aborting it frees the process.
+    """
+    target = real_mountpoint(path)
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if line.split()[4] == target]
+    if not devs:
+        return
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = not any(connections.iterdir()) if connections.is_dir() else False
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], timeout=30)
+    try:
+        for dev in devs:
+            abort = connections / dev.split(":")[1] / "abort"
+            if abort.exists():
+                abort.write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(connections)], timeout=30)
 
 
 @dataclass
@@ -92,7 +122,12 @@ class Mount:
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(10)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    abort_fuse_connection(self.mnt)
+                    self.proc.wait(10)
+                    raise AssertionError(f"the daemon did not stop:\n{self.logtext()}") from None
         if is_mounted(self.mnt):
             force_unmount(self.mnt)
         return self.proc.returncode
@@ -217,6 +252,32 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         if is_mounted(path):
             done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
             if done.returncode != 0:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def ext4_image(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 file system on a loop device, unmounted in teardown even after a failure.
+
+    ext4 gives a freed inode number to the next object it creates; with few inodes it does
+    so nearly every time.  Request it before `mount_factory`, so that stormfs stops first.
+    """
+    image, path = tmp_path / "ext4.img", tmp_path / "ext4"
+    path.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "256", str(image)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image here: {made.stderr.decode().strip()}")
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot loop-mount an ext4 image here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            gone = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+            if gone.returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 

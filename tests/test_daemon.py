@@ -247,3 +247,25 @@ def test_hung_daemon_is_cleared_without_hanging(mounted: Mount):
         mounted.kill()  # SIGKILL works on a stopped process; then fusermount3 -u -z
     assert probe.wait(10) != 0
     assert not is_mounted(mounted.mnt)
+
+
+def test_sigterm_right_after_mounting_stops_the_daemon(dirs, key):
+    """A stop that comes while the daemon still checks that its own mount answers."""
+    src, mnt = dirs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
+    env[keys.ENV_KEY] = key
+    for _ in range(15):
+        proc = subprocess.Popen(
+            stormfs_cmd("mount", "--foreground", str(src), str(mnt)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        m = Mount(src, mnt, key, src / "unused.log", proc)
+        try:
+            wait_for(lambda p=proc: is_mounted(mnt) or p.poll() is not None)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            m.stop()
+        assert not is_mounted(mnt)
