@@ -9,7 +9,7 @@ STORMFS := $(VENV)/bin/stormfs
 # the real programs the test suite drives on a mount, python3-venv for the
 # system-wide install of `make deploy`, and systemd for systemctl and
 # systemd-analyze (the unit is verified by the tests).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd e2fsprogs
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 

@@ -226,9 +226,10 @@ class Operations(pyfuse3.Operations):
         reader = node.reader
         if reader is not None:
             now, held = os.lstat(path), os.fstat(reader.fd)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) or node.looked_up:
-                # The same file; or a lookup just gave the kernel this node (the name
-                # moved on since, an instant ago): open the version its handles read.
+            key = (held.st_dev, held.st_ino)
+            if (now.st_dev, now.st_ino) == key or node.handed_out == key:
+                # The same file; or the lookup this open follows found this very
+                # file (the name moved on since, an instant ago): open that version.
                 return reader
             # Replaced behind the mount while handles read the old file through this
             # node (and its page cache).  Switching would mix the versions under them:
@@ -264,7 +265,7 @@ class Operations(pyfuse3.Operations):
         if old is not None:
             await self._meta(old.close)
         st = await self._meta(os.fstat, reader.fd)
-        self.table.rekey(node, st)
+        self.table.rekey(node, st, created=True)
         node.cached = Identity.of(st)
 
     async def _close_reader(self, node: Node) -> None:
@@ -303,7 +304,7 @@ class Operations(pyfuse3.Operations):
         st, size, _ = await self._meta(self.store.stat, path)
         node = self.table.bind(parent_inode, name, st)
         node.lookups += 1
-        node.looked_up = True
+        node.handed_out = (st.st_dev, st.st_ino)
         return self._attrs(node, st, size)
 
     @_boundary
@@ -407,9 +408,15 @@ class Operations(pyfuse3.Operations):
     # ---- creating and removing names ----------------------------------------
 
     async def _made(
-        self, parent_inode: int, name: bytes, make: Callable[[bytes], None]
+        self,
+        parent_inode: int,
+        name: bytes,
+        make: Callable[[bytes], None],
+        *,
+        created: bool = True,
     ) -> pyfuse3.EntryAttributes:
-        """Run `make(path)` for a new name, then look it up."""
+        """Run `make(path)` for a new name, then look it up (`created`: a new object,
+        not another name of an existing one)."""
         _hidden_name(name, creating=True)
         path = self.table.child_path(self.table.get(parent_inode), name)
 
@@ -418,7 +425,7 @@ class Operations(pyfuse3.Operations):
             return self.store.stat(path)
 
         st, size, _ = await self._meta(work)
-        node = self.table.bind(parent_inode, name, st)
+        node = self.table.bind(parent_inode, name, st, created=created)
         node.lookups += 1
         return self._attrs(node, st, size)
 
@@ -464,7 +471,10 @@ class Operations(pyfuse3.Operations):
         async with node.lock:
             src = self.table.path(node)
             return await self._made(
-                new_parent_inode, new_name, lambda path: os.link(src, path, follow_symlinks=False)
+                new_parent_inode,
+                new_name,
+                lambda path: os.link(src, path, follow_symlinks=False),
+                created=False,
             )
 
     async def _remove(
@@ -479,7 +489,7 @@ class Operations(pyfuse3.Operations):
         async with victim.lock:
             await self._meta(remove, path)
             self.table.unlink(parent_inode, name)
-        self.table.drop_if_idle(victim)
+        self.table.settle(victim)
 
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -526,7 +536,7 @@ class Operations(pyfuse3.Operations):
             else:
                 self.table.move((parent_inode_old, name_old), (parent_inode_new, name_new))
         for node in locked:
-            self.table.drop_if_idle(node)
+            self.table.settle(node)
 
     # ---- files ----------------------------------------------------------------
 
@@ -559,10 +569,9 @@ class Operations(pyfuse3.Operations):
             entry = await self.lookup(parent_inode, name, ctx)
             info = await self.open(entry.st_ino, flags, ctx)
             return info, entry
-        node = self.table.bind(parent_inode, name, st)
+        node = self.table.bind(parent_inode, name, st, created=True)
         node.lookups += 1
         async with node.lock:
-            await self._close_reader(node)
             node.reader = PlainReader(fd, 0)
             # Dirty from birth: even a file closed without a write becomes an envelope.
             self._working(node)
@@ -579,7 +588,7 @@ class Operations(pyfuse3.Operations):
             if node.working is None:
                 path = self.table.path(node)
                 node.reader = await self._meta(self._fresh_reader, node, path)
-                node.looked_up = False
+                node.handed_out = None
                 st = await self._meta(os.fstat, node.reader.fd)
                 # The name may hold another file than the node last knew (replaced behind
                 # the mount): key the node by the file it serves now, so that the stale
@@ -661,7 +670,7 @@ class Operations(pyfuse3.Operations):
                     if working is not None:
                         await self._meta(working.close)
                 await self._close_reader(node)
-        self.table.drop_if_idle(node)
+        self.table.settle(node)
 
     # ---- directories ----------------------------------------------------------
 
@@ -701,7 +710,7 @@ class Operations(pyfuse3.Operations):
                 name, (st, size, _) = item
                 node = self.table.bind(dh.node.inode, name, st)
                 if not pyfuse3.readdir_reply(token, name, self._attrs(node, st, size), i + 1):
-                    self.table.drop_if_idle(node)
+                    self.table.settle(node)
                     return
                 node.lookups += 1
 
@@ -710,7 +719,7 @@ class Operations(pyfuse3.Operations):
         dh = self._handles.pop(fh, None)
         if isinstance(dh, DirHandle):
             dh.node.opens -= 1
-            self.table.drop_if_idle(dh.node)
+            self.table.settle(dh.node)
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

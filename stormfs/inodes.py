@@ -6,6 +6,15 @@ inode.  An atomic commit gives the backing file a new st_ino; the node is
 re-keyed and keeps its number, so the view's inode numbers are stable across
 rewrites.
 
+A backing (st_dev, st_ino) names one object only while that object lives: the
+file system hands a freed number to the next object it creates.  So a node
+stays in the backing-identity index only while it has a name, or while an open
+descriptor (its reader) pins the object; a node whose last name is gone is
+taken out of the index at once, and an object created through the mount always
+gets a fresh node.  A node without a name reaches SOURCE only through the
+descriptor it holds, or not at all (ENOENT): never through another object that
+inherited its number.
+
 A node knows its names as (parent inode, name) links; its path is found by
 walking parents, so renaming a directory needs no update of its descendants.
 
@@ -48,13 +57,18 @@ class Node:
     mtime_ns: int = 0  # of the last write while dirty
     # Backing identity when the kernel's page cache was last known to match it.
     cached: Identity | None = None
-    # A lookup returned this node since its last open: the kernel's idea of the name
-    # is as fresh as that lookup.
-    looked_up: bool = False
+    # The backing file a lookup found under this node's name since its last open: the
+    # open that follows is served that version even if the name has moved on since.
+    handed_out: BackingKey | None = None
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+    @property
+    def pinned(self) -> bool:
+        """An open descriptor holds the backing object, so its number cannot be reused."""
+        return self.reader is not None
 
     @property
     def busy(self) -> bool:
@@ -96,11 +110,15 @@ class InodeTable:
     def child_path(self, parent: Node, name: bytes) -> bytes:
         return os.path.join(self.path(parent), name)
 
-    def bind(self, parent: int, name: bytes, st: os.stat_result) -> Node:
-        """The node for the backing file now found at parent/name."""
+    def bind(self, parent: int, name: bytes, st: os.stat_result, *, created: bool = False) -> Node:
+        """The node for the backing object now found at parent/name.
+
+        `created`: the mount has just made this object, so no existing node can
+        stand for it (one holding its number is left over from a dead object).
+        """
         key = (st.st_dev, st.st_ino)
         link = (parent, name)
-        node = self._by_key.get(key)
+        node = None if created else self._by_key.get(key)
         if node is not None and link not in node.links and not _may_be_same(node, st):
             node = None  # the backing inode number was freed and given to another object
         if node is None:
@@ -116,38 +134,51 @@ class InodeTable:
                     self._shadows.setdefault(link, set()).add(previous)
                 else:
                     previous.links.pop(link, None)
-            node.links[link] = None
-            self._by_link[link] = node
+                    self._unindex_nameless([previous])
+            self._attach(node, link)
         return node
 
     def unlink(self, parent: int, name: bytes) -> Node | None:
         link = (parent, name)
-        for shadow in self._shadows.pop(link, ()):
-            shadow.links.pop(link, None)
+        losers = list(self._shadows.pop(link, ()))
         node = self._by_link.pop(link, None)
         if node is not None:
-            node.links.pop(link, None)
+            losers.append(node)
+        for n in losers:
+            n.links.pop(link, None)
+        self._unindex_nameless(losers)
         return node
 
     def move(self, old: Link, new: Link) -> None:
         node = self._by_link.get(old)
-        self.unlink(*old)
         self.unlink(*new)
         if node is not None:
-            node.links[new] = None
-            self._by_link[new] = node
+            self._attach(node, new)  # before the old name goes: never nameless meanwhile
+        self.unlink(*old)
 
     def exchange(self, a: Link, b: Link) -> None:
         na, nb = self._by_link.get(a), self._by_link.get(b)
-        self.unlink(*a)
-        self.unlink(*b)
-        for node, new in ((na, b), (nb, a)):
+        losers: list[Node] = []
+        for link in (a, b):
+            for shadow in self._shadows.pop(link, ()):
+                shadow.links.pop(link, None)
+                losers.append(shadow)
+            self._by_link.pop(link, None)
+        for node, old in ((na, a), (nb, b)):
             if node is not None:
-                node.links[new] = None
-                self._by_link[new] = node
+                node.links.pop(old, None)
+        for node, new in ((na, b), (nb, a)):  # after both pops: na may be nb
+            if node is not None:
+                self._attach(node, new)
+        self._unindex_nameless(losers)
 
-    def rekey(self, node: Node, st: os.stat_result) -> None:
-        """The node's content now lives in another backing file (atomic commit)."""
+    def _attach(self, node: Node, link: Link) -> None:
+        node.links[link] = None
+        self._by_link[link] = node
+
+    def rekey(self, node: Node, st: os.stat_result, *, created: bool = False) -> None:
+        """The node's content now lives in another backing file (`created`: one the
+        mount has just made, as an atomic commit does)."""
         key = (st.st_dev, st.st_ino)
         if key == node.key:
             return
@@ -155,35 +186,45 @@ class InodeTable:
             del self._by_key[node.key]
         node.key = key
         other = self._by_key.get(key)
-        if other is None or not other.busy:
+        if created or other is None or not other.busy:
             self._by_key[key] = node
 
     def forget(self, node: Node, n: int) -> None:
         node.lookups = max(0, node.lookups - n)
-        self.drop_if_idle(node)
+        self.settle(node)
 
-    def drop_if_idle(self, node: Node) -> None:
-        if node.busy or node is self.root:
+    def settle(self, node: Node) -> None:
+        """After a node lost a lookup, an open or its descriptor: drop it once idle, and
+        take it out of the identity index once nothing holds its backing object."""
+        if node is self.root:
             return
-        del self._nodes[node.inode]
-        if self._by_key.get(node.key) is node:
-            del self._by_key[node.key]
-        for link in node.links:
-            if self._by_link.get(link) is node:
-                del self._by_link[link]
-            shadows = self._shadows.get(link)
-            if shadows is not None:
-                shadows.discard(node)
-                if not shadows:
-                    del self._shadows[link]
-        node.links.clear()
+        if not node.busy and self._nodes.get(node.inode) is node:
+            del self._nodes[node.inode]
+            for link in node.links:
+                if self._by_link.get(link) is node:
+                    del self._by_link[link]
+                shadows = self._shadows.get(link)
+                if shadows is not None:
+                    shadows.discard(node)
+                    if not shadows:
+                        del self._shadows[link]
+            node.links.clear()
+        self._unindex_nameless([node])
+
+    def _unindex_nameless(self, nodes: list[Node]) -> None:
+        """A node with no name left and no descriptor on its object no longer knows
+        which object its backing number names: the next one may inherit it."""
+        for node in nodes:
+            if not node.links and not node.pinned and self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
 
 
 def _may_be_same(node: Node, st: os.stat_result) -> bool:
     """Whether `st`, found under a name `node` does not have yet, can be the object the
-    node stands for: the same type, and a kind of object that has several names (hard
-    links).  Otherwise the node's old names are stale: the object was removed or renamed
-    behind the mount and the file system reused its inode number."""
+    node stands for: the same type, and either held open by the node (its number
+    cannot have been reused) or a kind of object that has several names (hard
+    links).  Otherwise the node's old names are stale: the object was removed or
+    renamed behind the mount and the file system reused its inode number."""
     if stat.S_IFMT(node.mode) != stat.S_IFMT(st.st_mode):
         return False
-    return not node.links or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
+    return node.pinned or (st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode))
