@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import enum
 import errno
 import fcntl
@@ -65,13 +64,27 @@ from . import keycheck, keys
 from .content import Identity, pread_stream
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 from .progress import Progress, human_bytes, human_duration
-from .scan import Entry, bounded_map, describe, display, read_header, walk
-from .store import KEY_ID_XATTR, LOCAL_TMP_PREFIX, STATE_DIR, copy_metadata, open_readonly
+from .scan import Entry, bounded_map, describe, display, header_kind, kind_of, walk
+from .source import (
+    KEY_ID_XATTR,
+    LOCAL_TMP_PREFIX,
+    RENAME_EXCHANGE,
+    STATE_DIR,
+    copy_metadata,
+    lock,
+    open_dir,
+    open_lock,
+    open_readonly,
+    pwrite_all,
+    renameat2,
+    state_dir,
+    syncfs,
+    write_atomically,
+)
 
 TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 STATE_SUBDIR = b"encrypt"
 JOURNAL_PREFIX = "links-"
-PART_SUFFIX = ".part"
 CHUNK = 1 << 20
 DEFAULT_JOBS = 4
 ATTEMPTS = 3
@@ -85,10 +98,7 @@ FDS_PER_FILE = 2
 # How often files waiting in a batch are checked for a writer waiting on them.
 POLL = 0.5
 RETRYABLE = ("changed", "busy", "hard_links")
-RENAME_EXCHANGE = 2
 F_RDLCK = fcntl.F_RDLCK
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Retry(Exception):
@@ -140,11 +150,7 @@ class Plan:
 
 def exchange(dir_fd: int, a: bytes, b: bytes) -> None:
     """Atomically swap two names in one directory (renameat2 RENAME_EXCHANGE)."""
-    if _libc.renameat2(dir_fd, a, dir_fd, b, ctypes.c_uint(RENAME_EXCHANGE)) != 0:
-        e = ctypes.get_errno()
-        if e in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(e, "this filesystem cannot exchange names (renameat2 RENAME_EXCHANGE)")
-        raise OSError(e, os.strerror(e), os.fsdecode(b))
+    renameat2(dir_fd, a, dir_fd, b, RENAME_EXCHANGE)
 
 
 def take_lease(fd: int) -> bool:
@@ -363,7 +369,7 @@ class Migrator:
             if st.st_nlink != len(job.names) and (st.st_nlink > 1 or len(job.names) > 1):
                 raise Retry("hard_links", "its hard links changed during the run")
             leased = take_lease(fd)
-            if read_header(fd, st) is fmt.Kind.ENCRYPTED:
+            if header_kind(fd, st) is fmt.Kind.ENCRYPTED:
                 _close_all(fd, dirs)
                 return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
             for rel in job.names:
@@ -374,8 +380,7 @@ class Migrator:
             raise
 
     def _open_dir(self, rel: bytes) -> int:
-        parent = os.path.join(self.root, os.path.dirname(rel))
-        return os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return open_dir(os.path.join(self.root, os.path.dirname(rel)))
 
     def _seal_beside(
         self,
@@ -417,13 +422,13 @@ class Migrator:
         self, fd: int, out: int, st: os.stat_result, leased: bool, counted: list[int]
     ) -> tuple[bytes, bytes]:
         sealer = fmt.Sealer(self.key.material)
-        _pwrite_all(out, sealer.header, 0)
+        pwrite_all(out, sealer.header, 0)
         off = 0
         while True:
             data = os.pread(fd, CHUNK, off)
             if not data:
                 break
-            _pwrite_all(out, sealer.update(data), fmt.HEADER_SIZE + off)
+            pwrite_all(out, sealer.update(data), fmt.HEADER_SIZE + off)
             off += len(data)
             counted[0] += len(data)
             self.progress.advance(len(data))
@@ -432,7 +437,7 @@ class Migrator:
         if off != st.st_size:
             raise Retry("changed", "changed while being encrypted")
         tag = sealer.finalize()
-        _pwrite_all(out, tag, fmt.HEADER_SIZE + off)
+        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
         return sealer.nonce, tag
 
     def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int) -> None:
@@ -457,15 +462,7 @@ class Migrator:
             ],
         }
         name = f"{JOURNAL_PREFIX}{holds[0].decode()}.json"
-        part = name + PART_SUFFIX  # a killed run never leaves half a record under `name`
-        fd = os.open(
-            part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.state_fd
-        )
-        try:
-            os.write(fd, json.dumps(record).encode())
-        finally:
-            os.close(fd)
-        os.rename(part, name, src_dir_fd=self.state_fd, dst_dir_fd=self.state_fd)
+        write_atomically(self.state_fd, name, json.dumps(record).encode(), durable=False)
         return name
 
     # ---- swapping in (main thread) --------------------------------------------
@@ -583,17 +580,7 @@ def _close_all(fd: int, dirs: list[int]) -> None:
 def _sync(batch: list[Sealed]) -> None:
     """syncfs each filesystem the batch touches (SOURCE may hold other mounts)."""
     for fd in {s.st.st_dev: s.dirs[0] for s in batch}.values():
-        if _libc.syncfs(fd) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+        syncfs(fd)
 
 
 # ---- recovery of an interrupted hard-link group ----------------------------------
@@ -640,9 +627,7 @@ def recover_journals(root: bytes, state_fd: int) -> tuple[list[tuple[bytes, str,
             keep_holds.update(h for _, h in pairs)
             continue
         for n, h in pairs:
-            d = os.open(
-                os.path.join(root, os.path.dirname(n)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-            )
+            d = open_dir(os.path.join(root, os.path.dirname(n)))
             try:
                 base, hold = os.path.basename(n), os.path.basename(h)
                 at_name, at_hold = _lstat_at(d, base), _lstat_at(d, hold)
@@ -729,20 +714,12 @@ def _kind(root: bytes, entry: Entry) -> fmt.Kind | str | None:
     if entry.error is not None:
         return describe(entry.error)
     assert entry.st is not None
-    if entry.st.st_size < fmt.OVERHEAD:
-        return fmt.Kind.PLAINTEXT
     try:
-        fd = open_readonly(os.path.join(root, entry.rel))
+        return kind_of(os.path.join(root, entry.rel), entry.st)[1]
     except FileNotFoundError:
         return None
     except OSError as e:
         return describe(e)
-    try:
-        return read_header(fd, os.fstat(fd))
-    except OSError as e:
-        return describe(e)
-    finally:
-        os.close(fd)
 
 
 # ---- command ----------------------------------------------------------------------
@@ -824,13 +801,11 @@ def run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _exclusive(root: bytes) -> Iterator[int | None]:
     """The run's state directory, locked against a second run on the same SOURCE."""
-    state = os.path.join(root, STATE_DIR, STATE_SUBDIR)
-    os.makedirs(state, mode=0o700, exist_ok=True)
-    state_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    lock_fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=state_fd)
+    state_fd = open_dir(state_dir(root, STATE_SUBDIR))
+    lock_fd = open_lock(b"lock", dir_fd=state_fd)
     try:
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock(lock_fd, wait=False)
         except BlockingIOError:
             yield None
             return
