@@ -6,7 +6,7 @@ it, so it tells nothing about the key that AES-GCM itself does not.  Before a
 mount appears, `preflight` compares the configured key with that record (or,
 when there is none yet, with a sample of the envelopes already in SOURCE) and
 refuses, with the exact texts of DESIGN §4, any start that could make files
-unreadable.
+unreadable.  It returns verdicts; the CLI prints them and picks exit codes.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import enum
 import json
 import os
 import stat
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
-from .exitcodes import KEY_SAFETY, USAGE
 from .keys import ENV_KEY, Key, Keyring
 from .scan import Status, classify_path, kind_of, opening_key, walk
 from .source import STATE_DIR, lock, open_dir, state_dir, write_atomically
@@ -81,7 +79,14 @@ class SafetyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.exit_code = KEY_SAFETY
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """SOURCE may be mounted, this way; `notice` is a text the operator must see."""
+
+    mode: Mode
+    notice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def read_check(source: str) -> KeyCheck | None:
         raise SafetyError(UNREADABLE_CHECK.format(path=path, why=e)) from None
 
 
-def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], None]) -> Mode:
+def preflight(source: str, keyring: Keyring | None) -> Preflight:
     """Decide whether SOURCE may be mounted with `keyring` (None: no key), and how.
 
     Records the key check the first time a key is used on SOURCE.  Raises
@@ -164,8 +169,7 @@ def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], Non
     if keyring is None:
         if os.path.lexists(check_path(source)) or find_envelopes(source, limit=1):
             raise SafetyError(NO_KEY)
-        echo(PASSTHROUGH.format(source=source))
-        return Mode.PASSTHROUGH
+        return Preflight(Mode.PASSTHROUGH, PASSTHROUGH.format(source=source))
 
     recorded = read_check(source)
     if recorded is not None:
@@ -180,24 +184,8 @@ def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], Non
             return _compare(recorded, keyring)
         write_atomically(dir_fd, CHECK_NAME, KeyCheck.make(keyring.current).to_bytes())
     if envelopes:
-        echo(ADOPTED.format(source=source, path=check_path(source)))
-    else:
-        echo(FIRST_TIME.format(prefix=key_prefix(keyring.current)))
-    return Mode.ENCRYPTED
-
-
-def preflight_or_refuse(
-    source: str, keyring: Keyring | None, *, echo: Callable[[str], None]
-) -> Mode | int:
-    """`preflight` for a command: a refusal is printed to stderr, its exit code returned."""
-    try:
-        return preflight(source, keyring, echo=echo)
-    except SafetyError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"stormfs: cannot check the key against {source}: {e.strerror or e}", file=sys.stderr)
-        return USAGE
+        return Preflight(Mode.ENCRYPTED, ADOPTED.format(source=source, path=check_path(source)))
+    return Preflight(Mode.ENCRYPTED, FIRST_TIME.format(prefix=key_prefix(keyring.current)))
 
 
 def key_prefix(key: Key) -> str:
@@ -234,10 +222,10 @@ def find_envelopes(source: str, *, limit: int, max_entries: int = WALK_LIMIT) ->
     return [path for _, path in sorted(found)]
 
 
-def _compare(recorded: KeyCheck, keyring: Keyring) -> Mode:
+def _compare(recorded: KeyCheck, keyring: Keyring) -> Preflight:
     if not recorded.matches(keyring):
         raise SafetyError(MISMATCH)
-    return Mode.ENCRYPTED
+    return Preflight(Mode.ENCRYPTED)
 
 
 def _authenticates(path: str, keyring: Keyring) -> bool:
