@@ -25,7 +25,7 @@ def disable_core_dumps() -> None:
     ptrace attaches from processes of the same user.
     """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    check_libc(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    check_libc(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE): ")
 
 
 def scrub_key_environment(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -33,11 +33,11 @@ PART_INFIX = b".part-"
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def check_libc(result: int, what: str) -> None:
-    """Raise the OSError of a failed libc call (`result` non-zero)."""
+def check_libc(result: int, prefix: str = "") -> None:
+    """Raise the OSError of a failed libc call (`result` non-zero), its text after `prefix`."""
     if result != 0:
         e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
+        raise OSError(e, prefix + os.strerror(e))
 
 
 def is_hidden(name: bytes) -> bool:
@@ -55,6 +55,7 @@ def open_readonly(path: bytes | str, *, dir_fd: int | None = None) -> int:
 
 
 def open_dir(path: bytes | str, *, nofollow: bool = False) -> int:
+    """A directory's descriptor, for the *at() calls and fsync."""
     return os.open(
         path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     )
@@ -71,7 +72,7 @@ def sync_dir(path: bytes | str) -> None:
 
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem `fd` is on."""
-    check_libc(libc.syncfs(fd), "syncfs")
+    check_libc(libc.syncfs(fd))
 
 
 def renameat2(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes, flags: int) -> None:
