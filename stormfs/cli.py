@@ -1,16 +1,30 @@
-"""The `stormfs` command: argument parsing, output and exit codes."""
+"""The `stormfs` command: every parser, message, progress bar and exit code.
+
+The engines (`keycheck`, `audit`, `encrypt`) return verdicts and reports;
+this module prints them and picks the exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from . import __version__, audit, hygiene, keycheck, keys, migrate, notify
+from . import __version__, hygiene, keycheck, keys, notify
+from .audit import audit
 from .daemon import MountError, MountOptions, check_paths, serve
-from .exitcodes import MOUNT_FAILED, OK, USAGE
+from .encrypt import DEFAULT_JOBS, Busy, dry_run, encrypt
+from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, MOUNT_FAILED, OK, USAGE, WORK_TO_DO
+from .pipeline import Done, Outcome
+from .plan import Job
+from .progress import Progress
+from .scan import display
+from .units import human_bytes, human_duration
 
 log = logging.getLogger("stormfs")
 
@@ -24,6 +38,33 @@ def _err(message: str) -> None:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def preflight_or_refuse(
+    source: str, keyring: keys.Keyring | None, *, echo: Callable[[str], None]
+) -> keycheck.Mode | int:
+    """The key-safety checks for a command: a notice goes to `echo`; a refusal is
+    printed to stderr and its exit status returned."""
+    try:
+        verdict = keycheck.preflight(source, keyring)
+    except keycheck.SafetyError as e:
+        _stderr(e.message)
+        return KEY_SAFETY
+    except OSError as e:
+        _err(f"cannot check the key against {source}: {e.strerror or e}")
+        return USAGE
+    if verdict.notice is not None:
+        echo(verdict.notice)
+    return verdict.mode
+
+
+def _load_keyring(key_file: str | None) -> keys.Keyring | int | None:
+    """The keyring the options and environment give, or USAGE (said why) if malformed."""
+    try:
+        return keys.load_keyring(key_file=key_file, environ=os.environ)
+    except keys.InvalidKey as e:
+        _err(str(e))
+        return USAGE
 
 
 def _setup_logging(log_file: str | None, *, debug: bool, background: bool) -> None:
@@ -54,13 +95,11 @@ def _mount(args: argparse.Namespace) -> int:
         return USAGE
     # Before the key is read: no core dump may ever hold it (or plaintext).
     hygiene.disable_core_dumps()
-    try:
-        keyring = keys.load_keyring(key_file=args.key_file or opts.key_file, environ=os.environ)
-    except keys.InvalidKey as e:
-        _err(str(e))
-        return USAGE
+    keyring = _load_keyring(args.key_file or opts.key_file)
+    if isinstance(keyring, int):
+        return keyring
     hygiene.scrub_key_environment()
-    refused = keycheck.preflight_or_refuse(source, keyring, echo=_stderr)
+    refused = preflight_or_refuse(source, keyring, echo=_stderr)
     if isinstance(refused, int):
         return refused
     if args.foreground:
@@ -129,12 +168,10 @@ def _notify_ready(mountpoint: str) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     """Load the key as the mount would and run the safety checks, nothing more."""
-    try:
-        keyring = keys.load_keyring(key_file=args.key_file, environ=os.environ)
-    except keys.InvalidKey as e:
-        _err(str(e))
-        return USAGE
-    mode = keycheck.preflight_or_refuse(args.source, keyring, echo=print)
+    keyring = _load_keyring(args.key_file)
+    if isinstance(keyring, int):
+        return keyring
+    mode = preflight_or_refuse(args.source, keyring, echo=print)
     if isinstance(mode, int):
         return mode
     if mode is keycheck.Mode.PASSTHROUGH or keyring is None:
@@ -147,6 +184,159 @@ def _check(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     print(keys.generate_key())
     return OK
+
+
+def _source_dir(arg: str) -> str | None:
+    source = os.path.realpath(arg)
+    if not os.path.isdir(source):
+        _err(f"SOURCE {arg} is not a directory")
+        return None
+    return source
+
+
+def _audit(args: argparse.Namespace) -> int:
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None and not args.quick:
+        _err(
+            f"no encryption key: set ${keys.ENV_KEY} or use --key-file "
+            "(or --quick to classify from headers alone)"
+        )
+        return USAGE
+    report = audit(os.fsencode(source), keyring, quick=args.quick)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_audit(report)
+    if report["issues"]:
+        return ISSUES_FOUND
+    return WORK_TO_DO if report["needs_encryption"] else OK
+
+
+def _print_audit(r: dict[str, Any]) -> None:
+    how = (
+        "headers only, tags not verified"
+        if r["quick"]
+        else f"every envelope verified under key id {r['key_id']}"
+    )
+    print(f"Encryption audit of {r['source']} ({how})")
+    print(f"  Files scanned:            {r['scanned']}")
+    print(f"  Files already encrypted:  {r['encrypted']}")
+    print(f"  Files needing encryption: {r['needs_encryption']}")
+    print(
+        f"  Files with issues:        {r['issues']}"
+        f" (decryption_failed {r['decryption_failed']}, unreadable {r['unreadable']})"
+    )
+    if r["files"]:
+        print()
+        width = max(len(f["status"]) for f in r["files"])
+        for f in r["files"]:
+            print(f"{f['status']:<{width}}  {f['path']}: {f['detail']}")
+    if r["needs_encryption"]:
+        print(
+            f"\n{r['needs_encryption']} legacy file(s) can be encrypted with: "
+            "make encrypt-files (stormfs encrypt SOURCE --force)"
+        )
+    if r["decryption_failed"]:
+        print(
+            "\nDECRYPTION_FAILED files: check that STORMCLOUD_ENCRYPTION_KEY is the key they "
+            "were encrypted with; otherwise restore them from backup. They are never modified."
+        )
+    if r["unreadable"]:
+        print(
+            "\nUnreadable files: fix their permissions or the disk, or, for files removed "
+            "during the scan, clean the orphaned records (rebuild_index --mode clean)."
+        )
+
+
+class _EncryptProgress(Progress):
+    """The progress bar of `stormfs encrypt`, with a line for each error and grown sparse file."""
+
+    def finished(self, job: Job, outcome: Outcome, *, sparse: bool) -> None:
+        self.file_done()
+        if outcome.done is None:
+            self.note(f"error: {display(job.names[0])}: {outcome.detail}")
+        elif sparse and outcome.done is Done.ENCRYPTED:
+            self.note(f"note: {display(job.names[0])}: {outcome.detail}")
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    if not args.force and not args.dry_run:
+        _err(
+            "encrypt rewrites every legacy file in SOURCE: add --force to do it, "
+            "or --dry-run to see what it would do"
+        )
+        return USAGE
+    if args.jobs < 1:
+        _err("--jobs must be at least 1")
+        return USAGE
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None:
+        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file")
+        return USAGE
+    root = os.fsencode(source)
+    if args.dry_run:
+        report = dry_run(root, keyring.current, args.jobs)
+    else:
+        refused = preflight_or_refuse(source, keyring, echo=_stderr)
+        if isinstance(refused, int):
+            return refused
+        try:
+            report = encrypt(
+                root, keyring.current, args.jobs, _EncryptProgress(sys.stderr, label="encrypt")
+            )
+        except Busy:
+            _err(f"another stormfs encrypt is running on {source}")
+            return BUSY
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_encrypt(report)
+    if report["errors"]:
+        return ISSUES_FOUND
+    return WORK_TO_DO if report["would_encrypt"] else OK
+
+
+def _print_encrypt(r: dict[str, Any]) -> None:
+    if r["dry_run"]:
+        for f in r["files"]:
+            if f["status"] == "needs_encryption":
+                print(f"would encrypt  {f['path']}: {f['detail']}")
+    print(
+        f"\n{'Dry run' if r['dry_run'] else 'Encryption'} of {r['source']} (key id {r['key_id']})"
+    )
+    print(f"  Files scanned:      {r['scanned']}")
+    print(
+        f"  Already encrypted:  {r['already_encrypted']} (envelope header; "
+        "`stormfs audit` authenticates them)"
+    )
+    if r["dry_run"]:
+        print(f"  Would encrypt:      {r['would_encrypt']}")
+    else:
+        rate = r["bytes_encrypted"] / r["seconds"] if r["seconds"] else 0
+        print(
+            f"  Encrypted now:      {r['encrypted_now']} ({human_bytes(r['bytes_encrypted'])} "
+            f"in {human_duration(r['seconds'])}, {human_bytes(rate)}/s)"
+        )
+    print(f"  Errors:             {r['errors']}")
+    if r["sparse_grown"]:
+        print(f"  Sparse files grown: {r['sparse_grown']}")
+    if r["stale_temp_files"]:
+        verb = "to remove" if r["dry_run"] else "removed"
+        print(f"  Stale temporary files {verb}: {r['stale_temp_files']}")
+    errors = [f for f in r["files"] if f["status"] not in ("encrypted", "needs_encryption")]
+    for f in errors:
+        if f["status"] != "vanished":
+            print(f"{f['status']}  {f['path']}: {f['detail']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,8 +391,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
     p.set_defaults(func=_keygen)
-    audit.register(sub)
-    migrate.register(sub)
+
+    p = sub.add_parser(
+        "audit",
+        help="count files already encrypted, needing encryption, with issues (changes nothing)",
+        description="Walk SOURCE and put every regular file in one class: encrypted (its "
+        "envelope authenticates under the key), needs_encryption (legacy plaintext), "
+        "decryption_failed (looks like an envelope but does not authenticate), unreadable "
+        "(permission or I/O error, or removed during the scan). Changes nothing. The key "
+        f"comes from --key-file or ${keys.ENV_KEY}, as for the mount.",
+        epilog=f"Exit status: {OK} everything encrypted and authentic; {WORK_TO_DO} legacy "
+        f"files need encryption; {ISSUES_FOUND} some files have issues; {USAGE} usage or "
+        "key error.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="classify from file headers only, without verifying tags (no key needed)",
+    )
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    p.set_defaults(func=_audit)
+
+    p = sub.add_parser(
+        "encrypt",
+        help="encrypt every legacy plaintext file in SOURCE, in place (needs --force)",
+        description="Encrypt every legacy plaintext file in SOURCE in place, atomically, "
+        "keeping mode, owner, times and extended attributes, and recording the key id. "
+        "Safe while SOURCE is mounted and in use: a file that changes, or is open for "
+        "writing, is left as it is and reported. Files that are encrypted already, damaged "
+        "envelopes and unreadable files are never touched. Idempotent: run it again after "
+        "an interruption. The key comes from --key-file or "
+        f"${keys.ENV_KEY}, its id from ${keys.ENV_KEY_ID}.",
+        epilog=f"Exit status: {OK} done, nothing left; {WORK_TO_DO} (--dry-run) files would be "
+        f"encrypted; {ISSUES_FOUND} some files could not be encrypted; {USAGE} usage or key "
+        f"error; {KEY_SAFETY} key safety check refused; {BUSY} another encrypt is "
+        "running on SOURCE.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--force", action="store_true", help="really rewrite the files")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"files sealed at once (default {DEFAULT_JOBS})",
+    )
+    p.set_defaults(func=_encrypt)
     return parser
 
 

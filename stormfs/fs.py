@@ -30,7 +30,8 @@ import trio
 from . import format as fmt
 from .content import EnvelopeReader, Identity, PlainReader, Reader
 from .inodes import InodeTable, Node
-from .store import VIRTUAL_XATTR_PREFIX, Store, is_hidden, sync_dir
+from .source import VIRTUAL_XATTR_PREFIX, is_hidden, sync_dir
+from .store import Store
 from .working import WorkingCopy
 
 log = logging.getLogger(__name__)

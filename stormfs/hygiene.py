@@ -13,10 +13,9 @@ import resource
 from collections.abc import MutableMapping
 
 from .keys import ENV_KEY
+from .source import check_libc, libc
 
 PR_SET_DUMPABLE = 4
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def disable_core_dumps() -> None:
@@ -26,9 +25,7 @@ def disable_core_dumps() -> None:
     ptrace attaches from processes of the same user.
     """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+    check_libc(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE): ")
 
 
 def scrub_key_environment(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -39,7 +36,7 @@ def scrub_key_environment(environ: MutableMapping[str, str] = os.environ) -> Non
     still show in /proc/PID/environ (and `ps e`).
     """
     prefix = ENV_KEY.encode("ascii") + b"="
-    block = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
+    block = ctypes.POINTER(ctypes.c_void_p).in_dll(libc, "environ")
     i = 0
     while block[i]:
         address = block[i]

@@ -6,30 +6,26 @@ it, so it tells nothing about the key that AES-GCM itself does not.  Before a
 mount appears, `preflight` compares the configured key with that record (or,
 when there is none yet, with a sample of the envelopes already in SOURCE) and
 refuses, with the exact texts of DESIGN §4, any start that could make files
-unreadable.
+unreadable.  It returns verdicts; the CLI prints them and picks exit codes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import contextlib
 import enum
-import fcntl
 import json
 import os
 import stat
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
-from .exitcodes import KEY_SAFETY, USAGE
 from .keys import ENV_KEY, Key, Keyring
-from .store import open_readonly, sync_dir
+from .scan import Status, classify_path, kind_of, opening_key, walk
+from .source import STATE_DIR, lock, open_dir, state_dir, write_atomically
 
-STATE_DIR = ".stormfs"
 CHECK_NAME = "keycheck"
 CHECK_FORMAT = "stormfs-keycheck"
 CHECK_VERSION = 1
@@ -83,7 +79,14 @@ class SafetyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.exit_code = KEY_SAFETY
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """SOURCE may be mounted, this way; `notice` is a text the operator must see."""
+
+    mode: Mode
+    notice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,11 @@ class KeyCheck:
         return cls(key.key_id, fmt.seal(key.material, CHECK_PLAINTEXT))
 
     def matches(self, keyring: Keyring) -> bool:
-        for key in keyring.candidates(self.key_id):
-            with contextlib.suppress(fmt.DecryptionFailed):
-                if fmt.open_envelope(key.material, self.envelope) == CHECK_PLAINTEXT:
-                    return True
-        return False
+        return opening_key(keyring, self.key_id, self._opens) is not None
+
+    def _opens(self, material: bytes) -> None:
+        if fmt.open_envelope(material, self.envelope) != CHECK_PLAINTEXT:
+            raise fmt.DecryptionFailed("not a key check")
 
     def to_bytes(self) -> bytes:
         record = {
@@ -133,7 +136,7 @@ class KeyCheck:
 
 
 def check_path(source: str) -> str:
-    return os.path.join(source, STATE_DIR, CHECK_NAME)
+    return os.path.join(source, os.fsdecode(STATE_DIR), CHECK_NAME)
 
 
 def read_check(source: str) -> KeyCheck | None:
@@ -154,7 +157,7 @@ def read_check(source: str) -> KeyCheck | None:
         raise SafetyError(UNREADABLE_CHECK.format(path=path, why=e)) from None
 
 
-def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], None]) -> Mode:
+def preflight(source: str, keyring: Keyring | None) -> Preflight:
     """Decide whether SOURCE may be mounted with `keyring` (None: no key), and how.
 
     Records the key check the first time a key is used on SOURCE.  Raises
@@ -166,8 +169,7 @@ def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], Non
     if keyring is None:
         if os.path.lexists(check_path(source)) or find_envelopes(source, limit=1):
             raise SafetyError(NO_KEY)
-        echo(PASSTHROUGH.format(source=source))
-        return Mode.PASSTHROUGH
+        return Preflight(Mode.PASSTHROUGH, PASSTHROUGH.format(source=source))
 
     recorded = read_check(source)
     if recorded is not None:
@@ -180,26 +182,10 @@ def preflight(source: str, keyring: Keyring | None, *, echo: Callable[[str], Non
         recorded = read_check(source)
         if recorded is not None:
             return _compare(recorded, keyring)
-        _write_atomically(dir_fd, CHECK_NAME, KeyCheck.make(keyring.current).to_bytes())
+        write_atomically(dir_fd, CHECK_NAME, KeyCheck.make(keyring.current).to_bytes())
     if envelopes:
-        echo(ADOPTED.format(source=source, path=check_path(source)))
-    else:
-        echo(FIRST_TIME.format(prefix=key_prefix(keyring.current)))
-    return Mode.ENCRYPTED
-
-
-def preflight_or_refuse(
-    source: str, keyring: Keyring | None, *, echo: Callable[[str], None]
-) -> Mode | int:
-    """`preflight` for a command: a refusal is printed to stderr, its exit code returned."""
-    try:
-        return preflight(source, keyring, echo=echo)
-    except SafetyError as e:
-        print(e.message, file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"stormfs: cannot check the key against {source}: {e.strerror or e}", file=sys.stderr)
-        return USAGE
+        return Preflight(Mode.ENCRYPTED, ADOPTED.format(source=source, path=check_path(source)))
+    return Preflight(Mode.ENCRYPTED, FIRST_TIME.format(prefix=key_prefix(keyring.current)))
 
 
 def key_prefix(key: Key) -> str:
@@ -215,100 +201,47 @@ def find_envelopes(source: str, *, limit: int, max_entries: int = WALK_LIMIT) ->
     """Paths of up to `limit` files in SOURCE that look like v1 envelopes
     (first byte 0x01, at least 29 bytes), smallest first.
 
-    A breadth-first walk of at most `max_entries` entries that follows no
-    symlink, skips stormfs' own ``.stormfs*`` names and unreadable directories.
+    A breadth-first walk (`scan.walk`) of at most `max_entries` entries;
+    unreadable places are passed over.
     """
+    root = os.fsencode(source)
     found: list[tuple[int, str]] = []
-    pending = collections.deque([source])
-    seen = 0
-    while pending and len(found) < limit and seen < max_entries:
-        try:
-            entries = os.scandir(pending.popleft())
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                seen += 1
-                if seen > max_entries or len(found) >= limit:
-                    break
-                if entry.name.startswith(STATE_DIR):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        size = entry.stat(follow_symlinks=False).st_size
-                        if size >= fmt.OVERHEAD and _first_byte(entry.path) == fmt.VERSION_BYTE:
-                            found.append((size, entry.path))
-                except OSError:
-                    continue
+    with contextlib.suppress(OSError):  # SOURCE itself cannot be listed: nothing found
+        for entry in walk(root, breadth_first=True, max_entries=max_entries):
+            if len(found) >= limit:
+                break
+            if entry.st is None:
+                continue
+            path = os.path.join(root, entry.rel)
+            try:
+                kind = kind_of(path, entry.st)[1]
+            except OSError:
+                continue
+            if kind is fmt.Kind.ENCRYPTED:
+                found.append((entry.st.st_size, os.fsdecode(path)))
     return [path for _, path in sorted(found)]
 
 
-def _compare(recorded: KeyCheck, keyring: Keyring) -> Mode:
+def _compare(recorded: KeyCheck, keyring: Keyring) -> Preflight:
     if not recorded.matches(keyring):
         raise SafetyError(MISMATCH)
-    return Mode.ENCRYPTED
-
-
-def _first_byte(path: str) -> bytes:
-    fd = open_readonly(path)
-    try:
-        return os.read(fd, 1)
-    finally:
-        os.close(fd)
+    return Preflight(Mode.ENCRYPTED)
 
 
 def _authenticates(path: str, keyring: Keyring) -> bool:
-    """Whether the envelope at `path` verifies under a key of the keyring
-    (streaming, bounded memory)."""
-    for key in keyring.candidates(None):
-        try:
-            fd = open_readonly(path)
-        except OSError:
-            return False
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(fd).st_size
-            with contextlib.suppress(fmt.DecryptionFailed, OSError):
-                fmt.verify_file(key.material, f, size)
-                return True
-    return False
+    """Whether the envelope at `path` verifies under a key of the keyring."""
+    return classify_path(os.fsencode(path), keyring, quick=False).status is Status.ENCRYPTED
 
 
 @contextlib.contextmanager
 def _locked_state_dir(source: str) -> Iterator[int]:
     """SOURCE/.stormfs (created mode 0700 if missing), opened and exclusively
     locked, so that two starts cannot record different checks."""
-    path = os.path.join(source, STATE_DIR)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    else:
-        os.chmod(path, 0o700)
-        sync_dir(source)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_dir(state_dir(os.fsencode(source)), nofollow=True)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
             os.fchmod(fd, 0o700)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock(fd, wait=True)
         yield fd
     finally:
         os.close(fd)
-
-
-def _write_atomically(dir_fd: int, name: str, data: bytes) -> None:
-    """Temporary file, fsync, rename over `name`, fsync the directory."""
-    tmp = f"{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-    os.fsync(dir_fd)

@@ -9,21 +9,10 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from .units import human_bytes, human_duration
+
 # How often a plain progress line is printed when the output is not a terminal.
 PLAIN_INTERVAL = 10.0
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_duration(seconds: float) -> str:
-    s = int(seconds + 0.5)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _terminal_width(stream: TextIO) -> int:
@@ -35,27 +24,33 @@ def _terminal_width(stream: TextIO) -> int:
 
 
 class Progress:
-    """Files and bytes done out of a known total; safe to call from worker threads."""
+    """Files and bytes done out of a total known at `start`; safe to call from worker threads."""
 
-    def __init__(self, files: int, total_bytes: int, stream: TextIO, *, label: str) -> None:
-        self.files = files
-        self.total = total_bytes
+    def __init__(self, stream: TextIO, *, label: str) -> None:
         self.stream = stream
         self.label = label
+        self.files = 0
+        self.total = 0
         self.done_files = 0
         self.done_bytes = 0
-        self.start = time.monotonic()
+        self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._next_line = self.start + PLAIN_INTERVAL
+        self._next_line = self.started + PLAIN_INTERVAL
         self._bar: tqdm | None = None
-        if _terminal_width(stream) > 0:
+
+    def start(self, files: int, total_bytes: int) -> None:
+        self.files = files
+        self.total = total_bytes
+        self.started = time.monotonic()
+        self._next_line = self.started + PLAIN_INTERVAL
+        if _terminal_width(self.stream) > 0:
             self._bar = tqdm(
                 total=total_bytes,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                file=stream,
-                desc=label,
+                file=self.stream,
+                desc=self.label,
                 dynamic_ncols=True,
                 postfix=self._files_text(),
             )
@@ -86,7 +81,7 @@ class Progress:
                 print(line, file=self.stream, flush=True)
 
     def _plain_line(self) -> None:
-        elapsed = time.monotonic() - self.start
+        elapsed = time.monotonic() - self.started
         rate = self.done_bytes / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done_bytes) / rate if rate > 0 else None
         print(

@@ -1,4 +1,10 @@
-"""Walking SOURCE and classifying its files, for `audit` and `encrypt`.
+"""Classification and scanning: the one classifier of a backing file and the one walker of SOURCE.
+
+Used by the mount (`store`), `audit`, `encrypt` and the key checks.  A file's
+format is told by its header (`kind_of`, `header_kind`: legacy plaintext or a
+v1 envelope, where a later version byte slots in); `classify_path` also says
+whether an envelope authenticates and which key of the keyring opens it
+(`opening_key`, the one loop over the keys).
 
 Blocking code.  Nothing here writes: files are opened read-only with
 O_NOATIME where the kernel allows it, so even access times stay as they were.
@@ -6,6 +12,7 @@ O_NOATIME where the kernel allows it, so even access times stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -17,9 +24,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import format as fmt
-from .content import Identity, pread_stream
-from .keys import Keyring
-from .store import KEY_ID_XATTR, is_hidden, open_readonly
+from .content import LRU, Identity, pread_stream
+from .keys import Key, Keyring
+from .source import is_hidden, open_readonly, recorded_key_id
 
 # A file that changes while it is being verified is read again this many times.
 VERIFY_ATTEMPTS = 3
@@ -46,8 +53,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class Verdict:
+    """A file's class, why, and (authenticated envelopes) the key that opens it."""
+
     status: Status
     detail: str
+    key: Key | None = None
 
 
 def display(rel: bytes) -> str:
@@ -62,19 +72,27 @@ def describe(e: OSError) -> str:
 
 
 def walk(
-    root: bytes, *, on_hidden: Callable[[bytes, os.DirEntry], None] | None = None
+    root: bytes,
+    *,
+    on_hidden: Callable[[bytes, os.DirEntry], None] | None = None,
+    breadth_first: bool = False,
+    max_entries: int | None = None,
 ) -> Iterator[Entry]:
-    """Every regular file under `root`, depth first, as `Entry` (relative paths).
+    """Every regular file under `root`, as `Entry` (relative paths), depth first
+    unless `breadth_first`, each directory's names in order.
 
     Names stormfs keeps for itself (``.stormfs*``) are skipped at every level;
     `on_hidden` sees them.  Symlinks are not followed; a directory reached
     twice (bind mounts) is walked once; one that cannot be listed becomes an
-    `Entry` with its error.
+    `Entry` with its error.  With `max_entries`, the walk stops after looking
+    at that many directory entries.
     """
     seen: set[tuple[int, int]] = set()
-    stack = [b""]
-    while stack:
-        rel = stack.pop()
+    pending = deque([b""])
+    take = pending.popleft if breadth_first else pending.pop
+    looked = 0
+    while pending:
+        rel = take()
         path = os.path.join(root, rel) if rel else root
         try:
             st = os.stat(path, follow_symlinks=False)
@@ -90,6 +108,9 @@ def walk(
             raise
         subdirs = []
         for entry in entries:
+            looked += 1
+            if max_entries is not None and looked > max_entries:
+                return
             child = os.path.join(rel, entry.name) if rel else entry.name
             if is_hidden(entry.name):
                 if on_hidden is not None:
@@ -106,18 +127,55 @@ def walk(
                 subdirs.append(child)
             elif stat.S_ISREG(est.st_mode):
                 yield Entry(child, st=est)
-        stack.extend(reversed(subdirs))
+        pending.extend(subdirs if breadth_first else reversed(subdirs))
 
 
-def read_header(fd: int, st: os.stat_result) -> fmt.Kind:
+def header_kind(fd: int, st: os.stat_result) -> fmt.Kind:
+    """The format of the open regular file `fd` (`st` its fstat), by its header."""
     return fmt.classify(st.st_size, os.pread(fd, 1, 0) if st.st_size >= fmt.OVERHEAD else b"")
 
 
-def recorded_key_id(fd: int) -> str | None:
+def kind_of(
+    path: bytes, st: os.stat_result, cache: LRU | None = None
+) -> tuple[os.stat_result, fmt.Kind | None]:
+    """The format of the regular file at `path` whose lstat is `st`, and the stat
+    that describes it (None: no longer a regular file).
+
+    A file too short for an envelope is legacy without being opened.  Another
+    is looked up in `cache` (identity -> kind), else opened and described by
+    the fstat of the descriptor read, so a file replaced since the lstat is
+    never described by the other one's class.  OSError from the open propagates.
+    """
+    if st.st_size < fmt.OVERHEAD:
+        return st, fmt.Kind.PLAINTEXT
+    kind = cache.get(Identity.of(st)) if cache is not None else None
+    if kind is not None:
+        return st, kind
+    fd = open_readonly(path)
     try:
-        return os.getxattr(fd, KEY_ID_XATTR).decode("ascii", "replace")
-    except OSError:
-        return None
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            return opened, None
+        kind = header_kind(fd, opened)
+    finally:
+        os.close(fd)
+    if cache is not None:
+        cache.put(Identity.of(opened), kind)
+    return opened, kind
+
+
+def opening_key(
+    keyring: Keyring, key_id: str | None, opens: Callable[[bytes], object]
+) -> Key | None:
+    """The key of `keyring` that opens something, the one named `key_id` tried first.
+
+    `opens(material)` raises DecryptionFailed for a key that does not open it.
+    """
+    for key in keyring.candidates(key_id):
+        with contextlib.suppress(fmt.DecryptionFailed):
+            opens(key.material)
+            return key
+    return None
 
 
 def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdict:
@@ -138,7 +196,7 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return Verdict(Status.UNREADABLE, "no longer a regular file")
-            if read_header(fd, st) is fmt.Kind.PLAINTEXT:
+            if header_kind(fd, st) is fmt.Kind.PLAINTEXT:
                 return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
             if quick:
                 return Verdict(Status.ENCRYPTED, "envelope header (tag not verified)")
@@ -156,13 +214,12 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
 
 
 def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
-    key_id = recorded_key_id(fd)
-    for key in keyring.candidates(key_id):
-        try:
-            fmt.verify_stream(key.material, pread_stream(fd), st.st_size)
-        except fmt.DecryptionFailed:
-            continue
-        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}")
+    def opens(material: bytes) -> None:
+        fmt.verify_stream(material, pread_stream(fd), st.st_size)
+
+    key = opening_key(keyring, recorded_key_id(fd), opens)
+    if key is not None:
+        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}", key)
     return Verdict(
         Status.DECRYPTION_FAILED,
         "DECRYPTION_FAILED: envelope does not authenticate under the key "

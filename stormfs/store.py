@@ -1,4 +1,4 @@
-"""The SOURCE side: classify backing files, open readers, and commit new versions atomically.
+"""The mount's store: classify backing files, open readers, and commit new versions atomically.
 
 Everything here is blocking and runs off the trio thread.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -24,49 +23,32 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import format as fmt
 from .content import LRU, EnvelopeReader, Identity, PlainReader, Reader, Verdicts
 from .keys import Key
+from .scan import header_kind, kind_of
+from .source import (
+    KEY_ID_XATTR,
+    LOCAL_TMP_PREFIX,
+    copy_metadata,
+    copy_metadata_fd,
+    lock,
+    open_dir,
+    open_lock,
+    recorded_key_id,
+    set_xattr,
+    state_dir,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = b".stormfs"
-HIDDEN_PREFIX = b".stormfs"
-# Temporary files placed next to their target (only when the target directory is
-# on another filesystem than the state directory); hidden by HIDDEN_PREFIX too.
-LOCAL_TMP_PREFIX = b".stormfs-tmp-"
-KEY_ID_XATTR = "user.stormfs.key_id"
 # An instance directory's name while its daemon is starting, and how long a
 # daemon may take from creating it to locking it.
 STARTING = b".starting"
 STARTING_GRACE = 60.0
-VIRTUAL_XATTR_PREFIX = "user.stormfs."
-
-
-def open_readonly(path: bytes | str, *, dir_fd: int | None = None) -> int:
-    """Open without following a symlink, blocking on a FIFO, or touching atime."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
-
-
-def sync_dir(path: bytes | str) -> None:
-    """fsync a directory: the names created, renamed or removed in it become durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def is_hidden(name: bytes) -> bool:
-    """Names stormfs keeps for itself: invisible in the view, refused when created."""
-    return name.startswith(HIDDEN_PREFIX)
 
 
 @dataclass
@@ -113,22 +95,18 @@ class Store:
         self.verdicts = Verdicts()
         self._kinds: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
-        self.state = os.path.join(self.root, STATE_DIR)
-        os.makedirs(self.state, mode=0o700, exist_ok=True)
-        self._tmp_parent = os.path.join(self.state, b"tmp")
-        os.makedirs(self._tmp_parent, mode=0o700, exist_ok=True)
+        self.state = state_dir(self.root)
+        self._tmp_parent = state_dir(self.root, b"tmp")
         name = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}".encode()
         self.instance = os.path.join(self._tmp_parent, name)
         # Locked before it takes its name, so another daemon's recovery never
         # sees this instance directory unlocked.
         staging = self.instance + STARTING
         os.mkdir(staging, 0o700)
-        self._lock_fd = os.open(
-            os.path.join(staging, b"lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = open_lock(os.path.join(staging, b"lock"))
+        lock(self._lock_fd, wait=False)
         os.rename(staging, self.instance)
-        self.instance_fd = os.open(self.instance, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.instance_fd = open_dir(self.instance)
         self._state_dev = os.fstat(self.instance_fd).st_dev
         self._seq = 0
         self.recover()
@@ -142,7 +120,7 @@ class Store:
             if entry.path == self.instance or not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                lock_fd = os.open(os.path.join(entry.path, b"lock"), os.O_RDWR | os.O_CLOEXEC)
+                lock_fd = open_lock(os.path.join(entry.path, b"lock"), create=False)
             except FileNotFoundError:
                 lock_fd = -1
                 if entry.name.endswith(STARTING) and _age(entry) < STARTING_GRACE:
@@ -150,7 +128,7 @@ class Store:
             try:
                 if lock_fd >= 0:
                     try:
-                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        lock(lock_fd, wait=False)
                     except BlockingIOError:
                         continue  # a live daemon owns it
                 for rec in sorted(os.listdir(entry.path)):
@@ -177,37 +155,21 @@ class Store:
         return os.fsdecode(os.path.relpath(path, self.root))
 
     def stat(self, path: bytes) -> tuple[os.stat_result, int, fmt.Kind | None]:
-        """lstat, plus the plaintext size and the mixed-mode class of a regular file.
-
-        Classes are cached by identity.  A file classified from its first byte is
-        described by the fstat of the descriptor read, so a file replaced between
-        the lstat and the open is never described by the other one's class.
-        """
+        """lstat, plus the plaintext size and the mixed-mode class of a regular file
+        (`scan.kind_of`, cached by identity; None where the file cannot be opened)."""
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < fmt.OVERHEAD:
-            return st, st.st_size, fmt.Kind.PLAINTEXT if stat.S_ISREG(st.st_mode) else None
-        kind = self._kinds.get(Identity.of(st))
+        if not stat.S_ISREG(st.st_mode):
+            return st, st.st_size, None
+        try:
+            st, kind = kind_of(path, st, self._kinds)
+        except PermissionError:
+            return st, st.st_size, None
         if kind is None:
-            try:
-                fd = open_readonly(path)
-            except PermissionError:
-                return st, st.st_size, None
-            try:
-                opened = os.fstat(fd)
-                if not stat.S_ISREG(opened.st_mode):
-                    return opened, opened.st_size, None
-                st = opened
-                kind = fmt.classify(st.st_size, os.pread(fd, 1, 0))
-            finally:
-                os.close(fd)
-            self._kinds.put(Identity.of(st), kind)
+            return st, st.st_size, None
         return st, fmt.plaintext_size(st.st_size, kind), kind
 
     def key_id_of(self, path: bytes) -> str | None:
-        try:
-            return os.getxattr(path, KEY_ID_XATTR, follow_symlinks=False).decode()
-        except OSError:
-            return None
+        return recorded_key_id(path)
 
     def open_reader(self, path: bytes) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
@@ -221,7 +183,7 @@ class Store:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _replaced(path)
-            kind = fmt.classify(st.st_size, os.pread(fd, 1, 0))
+            kind = header_kind(fd, st)
             self._kinds.put(Identity.of(st), kind)
             if kind is fmt.Kind.PLAINTEXT:
                 return PlainReader(fd, st.st_size)
@@ -279,12 +241,12 @@ class Store:
         )
         copy_metadata(path, old, temp.fd)
         if self.key is not None and nonce is not None:
-            _set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
+            set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
         if ns is not None:
             os.utime(temp.fd, ns=ns)
         os.fsync(temp.fd)
         parent, name = os.path.split(path)
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = open_dir(parent)
         try:
             if old.st_nlink > 1:
                 reader = self._rewrite_in_place(temp, path, old, nonce, ns)
@@ -320,7 +282,7 @@ class Store:
         fd = os.open(local, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         try:
             _copy_fd(temp.fd, fd)
-            _copy_metadata_fd(temp.fd, fd)
+            copy_metadata_fd(temp.fd, fd)
             os.fsync(fd)
             os.rename(local, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
@@ -345,14 +307,14 @@ class Store:
             "ino": old.st_ino,
         }
         rec_name = b"redo-" + temp.name
-        _write_durably(self.instance_fd, rec_name, json.dumps(record).encode())
+        write_atomically(self.instance_fd, rec_name, json.dumps(record).encode())
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             _overwrite(temp.fd, fd)
             if times is not None:
                 os.utime(fd, ns=times)
             if self.key is not None and nonce is not None:
-                _set_xattr(fd, KEY_ID_XATTR, self.key.key_id.encode())
+                set_xattr(fd, KEY_ID_XATTR, self.key.key_id.encode())
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -405,16 +367,6 @@ def _age(entry: os.DirEntry) -> float:
         return 0.0
 
 
-def _write_durably(dir_fd: int, name: bytes, data: bytes) -> None:
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.fsync(dir_fd)
-
-
 def _copy_fd(src: int, dst: int) -> int:
     size = os.fstat(src).st_size
     done = 0
@@ -429,53 +381,3 @@ def _copy_fd(src: int, dst: int) -> int:
 def _overwrite(src: int, dst: int) -> None:
     size = _copy_fd(src, dst)
     os.ftruncate(dst, size)
-
-
-def _set_xattr(fd: int, name: str, value: bytes) -> None:
-    try:
-        os.setxattr(fd, name, value)
-    except OSError as e:
-        if e.errno not in (errno.ENOTSUP, errno.EPERM):
-            raise
-
-
-def _copy_xattrs(
-    read: Callable[[str], bytes], names: list[str], fd: int, *, ours: bool = False
-) -> None:
-    """Copy extended attributes; stormfs' own (`ours`) only between two of its files."""
-    for name in names:
-        if name.startswith(VIRTUAL_XATTR_PREFIX) and not ours:
-            continue
-        try:
-            os.setxattr(fd, name, read(name))
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA, errno.EACCES):
-                raise
-            log.debug("extended attribute %s not carried over: %s", name, e.strerror)
-
-
-def copy_metadata(path: bytes, old: os.stat_result, fd: int) -> None:
-    """Mode, owner and extended attributes of the current version onto the new one."""
-    if os.geteuid() == 0:
-        os.fchown(fd, old.st_uid, old.st_gid)
-    os.fchmod(fd, stat.S_IMODE(old.st_mode))
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno != errno.ENOTSUP:
-            raise
-        return
-    _copy_xattrs(lambda n: os.getxattr(path, n, follow_symlinks=False), names, fd)
-
-
-def _copy_metadata_fd(src: int, dst: int) -> None:
-    st = os.fstat(src)
-    if os.geteuid() == 0:
-        os.fchown(dst, st.st_uid, st.st_gid)
-    os.fchmod(dst, stat.S_IMODE(st.st_mode))
-    try:
-        names = os.listxattr(src)
-    except OSError:
-        return
-    _copy_xattrs(lambda n: os.getxattr(src, n), names, dst, ours=True)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import format as fmt
 from .content import Reader, read_full
+from .source import pwrite_all
 from .store import Store, TempFile
 
 BLOCK = 4096
@@ -63,7 +64,7 @@ class Scratch:
         for i in range(0, len(data), BLOCK):
             enc = self._xts(first + i // BLOCK).encryptor()
             out[i : i + BLOCK] = enc.update(view[i : i + BLOCK])
-        _pwrite_all(self.fd, out, first * BLOCK)
+        pwrite_all(self.fd, out, first * BLOCK)
         last = first + len(data) // BLOCK
         if len(self._dirty) < last:
             self._dirty.extend(bytes(last - len(self._dirty)))
@@ -112,11 +113,11 @@ class Prefix:
         self.key = key
         self.offset = len(sealer.header)
         self.length = 0
-        _pwrite_all(temp.fd, sealer.header, 0)
+        pwrite_all(temp.fd, sealer.header, 0)
 
     def append(self, data: bytes | memoryview) -> None:
         assert self.sealer is not None
-        _pwrite_all(self.temp.fd, self.sealer.update(data), self.offset + self.length)
+        pwrite_all(self.temp.fd, self.sealer.update(data), self.offset + self.length)
         self.length += len(data)
 
     def read(self, offset: int, n: int) -> bytes:
@@ -131,7 +132,7 @@ class Prefix:
         assert self.sealer is not None
         tag = self.sealer.finalize()
         self.sealer = None
-        _pwrite_all(self.temp.fd, tag, self.offset + self.length)
+        pwrite_all(self.temp.fd, tag, self.offset + self.length)
         os.ftruncate(self.temp.fd, self.offset + self.length + len(tag))
 
 
@@ -326,11 +327,3 @@ class WorkingCopy:
         if self._scratch is not None:
             self._scratch.close()
             self._scratch = None
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

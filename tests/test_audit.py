@@ -156,3 +156,17 @@ def test_vanished_file_is_unreadable(tmp_path: Path, key: str):
     verdict = classify_path(os.fsencode(tmp_path / "gone"), None, quick=False)
     assert verdict.status is Status.UNREADABLE
     assert "not found" in verdict.detail
+
+
+def test_verdict_names_the_key_that_opens_the_file(tmp_path: Path, key: str):
+    """With several keys, the classifier says which one opens an envelope."""
+    old = keys.Key("old", keys.parse_key(keys.generate_key()))
+    ring = keys.Keyring(keys.Key("new", keys.parse_key(key)), (old,))
+    path = write(tmp_path / "sealed-by-old", fmt.seal(old.material, b"written before rotation"))
+    verdict = classify_path(os.fsencode(path), ring, quick=False)
+    assert verdict.status is Status.ENCRYPTED
+    assert verdict.key == old
+    assert verdict.detail == "authenticated under key id old"
+    other = write(tmp_path / "foreign", fmt.seal(keys.parse_key(keys.generate_key()), b"x"))
+    verdict = classify_path(os.fsencode(other), ring, quick=False)
+    assert (verdict.status, verdict.key) == (Status.DECRYPTION_FAILED, None)

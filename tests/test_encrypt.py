@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
-from stormfs import keys, migrate
+from stormfs import keys, swap
 from stormfs.exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 
 from .trees import (
@@ -171,14 +171,14 @@ def test_hard_links(tmp_path: Path, key: str):
 
 CRASH_AT_SWAP = """
 import os, sys
-from stormfs import cli, migrate
-real, calls = migrate.swap_in, [0]
+from stormfs import cli, swap
+real, calls = swap.swap_in, [0]
 def crashing(*args):
     calls[0] += 1
     if calls[0] == {n}:
         os._exit(9)
     return real(*args)
-migrate.swap_in = crashing
+swap.swap_in = crashing
 sys.exit(cli.main(["encrypt", {src!r}, "--force", "--jobs", "1"]))
 """
 
@@ -340,7 +340,7 @@ def test_swap_puts_back_a_version_committed_meanwhile(tmp_path: Path, monkeypatc
     write(d / "hold", b"our envelope")
     write(d / "newer", b"committed by someone else")
     expect = (original.stat().st_dev, original.stat().st_ino)
-    real = migrate.exchange
+    real = swap.exchange
     raced = []
 
     def racing_exchange(dir_fd: int, a: bytes, b: bytes) -> None:
@@ -349,10 +349,10 @@ def test_swap_puts_back_a_version_committed_meanwhile(tmp_path: Path, monkeypatc
             os.rename("newer", "file", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         real(dir_fd, a, b)
 
-    monkeypatch.setattr(migrate, "exchange", racing_exchange)
+    monkeypatch.setattr(swap, "exchange", racing_exchange)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert migrate.swap_in(fd, b"hold", b"file", expect) is False
+        assert swap.swap_in(fd, b"hold", b"file", expect) is False
     finally:
         os.close(fd)
     assert (d / "file").read_bytes() == b"committed by someone else"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from stormfs import cli, keycheck, keys
 from stormfs import format as fmt
-from stormfs import keycheck, keys
 from stormfs.exitcodes import KEY_SAFETY, OK
 
 from .keyscan import STORMFS, forms, new_key, run
@@ -58,15 +58,14 @@ def storm_cloud_source(root, key_text: str):
 
 
 def preflight(source, keyring):
-    said: list[str] = []
-    mode = keycheck.preflight(str(source), keyring, echo=said.append)
-    return mode, said
+    verdict = keycheck.preflight(str(source), keyring)
+    return verdict.mode, [verdict.notice] if verdict.notice is not None else []
 
 
 def refused(source, keyring) -> keycheck.SafetyError:
     with pytest.raises(keycheck.SafetyError) as e:
         preflight(source, keyring)
-    assert e.value.exit_code == KEY_SAFETY == 3
+    assert cli.preflight_or_refuse(str(source), keyring, echo=print) == KEY_SAFETY == 3
     return e.value
 
 

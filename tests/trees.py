@@ -75,8 +75,8 @@ def make_mixed(root: Path, key: str) -> dict[str, Any]:
         "notes.txt": b"hello world\n" * 50,
         "empty": b"",
         "tiny": b"x",
-        "docs/report.pdf": os.urandom(200_000),
-        "docs/deep/er/file.bin": os.urandom(70_000),
+        "docs/report.pdf": legacy_bytes(200_000),
+        "docs/deep/er/file.bin": legacy_bytes(70_000),
         "short-01": b"\x01" + b"a" * 27,  # 28 bytes: plaintext by the size rule
         "spaces and ünïcode.txt": "grüße\n".encode() * 10,
     }

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from stormfs import keycheck, keys  # noqa: E402
 from stormfs.exitcodes import KEY_SAFETY, MOUNT_FAILED, OK, USAGE  # noqa: E402
+from stormfs.source import open_dir, write_atomically  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 PREFIX = "/opt/stormfs"
@@ -241,18 +242,9 @@ def write_file(path: Path, data: bytes, mode: int) -> bool:
     if path.exists() and path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    dir_fd = open_dir(path.parent)
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
+        write_atomically(dir_fd, path.name, data, mode=mode)
     finally:
         os.close(dir_fd)
     return True
