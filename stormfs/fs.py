@@ -13,7 +13,6 @@ at shutdown.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -30,13 +29,15 @@ import trio
 from . import format as fmt
 from .content import EnvelopeReader, Identity, PlainReader, Reader
 from .inodes import InodeTable, Node
-from .source import VIRTUAL_XATTR_PREFIX, is_hidden, sync_dir
+from .source import KEY_ID_XATTR, VIRTUAL_XATTR_PREFIX, is_hidden, renameat2, sync_dir
 from .store import Store
 from .working import WorkingCopy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+AT_FDCWD = -100
 
 # Reads and writes up to this size cost less than a thread hop (170-400 us here)
 # when the page cache has the data, so they run inline like metadata calls.
@@ -48,7 +49,6 @@ USER_XATTRS = "user."
 
 XATTR_METHOD = "user.stormfs.encryption_method"
 XATTR_SIZE = "user.stormfs.encrypted_size"
-XATTR_KEY_ID = "user.stormfs.key_id"
 
 
 def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,16 +84,6 @@ class Handle:
 class DirHandle:
     node: Node
     names: list[bytes] | None = None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    at_fdcwd = -100
-    if _libc.renameat2(at_fdcwd, old, at_fdcwd, new, ctypes.c_uint(flags)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _user_namespace_only(key: str) -> None:
@@ -529,7 +519,7 @@ class Operations(pyfuse3.Operations):
             for node in locked:
                 await stack.enter_async_context(node.lock)
             if flags:
-                await self._meta(_renameat2, old, new, flags)
+                await self._meta(renameat2, AT_FDCWD, old, AT_FDCWD, new, flags)
             else:
                 await self._meta(os.rename, old, new)
             if flags & pyfuse3.RENAME_EXCHANGE:
@@ -743,7 +733,7 @@ class Operations(pyfuse3.Operations):
         return {
             XATTR_METHOD: b"server",
             XATTR_SIZE: str(st.st_size).encode(),
-            XATTR_KEY_ID: key_id.encode(),
+            KEY_ID_XATTR: key_id.encode(),
         }
 
     @_boundary
