@@ -42,6 +42,9 @@ IGNORED_OPTIONS = frozenset(
 )
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 class MountError(Exception):
     """The mount cannot be set up; the message says why and what to do."""
 
@@ -142,6 +145,9 @@ def serve(
             f"fsname={source}",
             "subtype=stormfs",
         }
+        # From the moment the mount exists, a SIGTERM must unmount it: held back
+        # until the handler that does so is in place (_stop_on_signal).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pyfuse3.init(ops, mountpoint, fuse_opts)
         except RuntimeError as e:
@@ -188,7 +194,8 @@ def _set_readahead(dev: int, kib: int) -> None:
 
 
 async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             log.info("%s: committing pending writes and unmounting", signal.Signals(signum).name)
             with contextlib.suppress(OSError):
