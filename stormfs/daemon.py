@@ -156,6 +156,7 @@ def serve(
             trio.run(_main, ops, mountpoint, opts, ready)
         finally:
             pyfuse3.close(unmount=True)
+            ops.close()
     finally:
         store.close()
     log.info("unmounted %s", mountpoint)

@@ -29,15 +29,13 @@ import trio
 from . import format as fmt
 from .content import EnvelopeReader, Identity, PlainReader, Reader
 from .inodes import InodeTable, Node
-from .source import KEY_ID_XATTR, VIRTUAL_XATTR_PREFIX, is_hidden, renameat2, sync_dir
+from .source import KEY_ID_XATTR, VIRTUAL_XATTR_PREFIX, At, is_hidden, renameat2, sync_dir
 from .store import Store
 from .working import WorkingCopy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-AT_FDCWD = -100
 
 # Reads and writes up to this size cost less than a thread hop (170-400 us here)
 # when the page cache has the data, so they run inline like metadata calls.
@@ -110,7 +108,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.store = store
-        self.table = InodeTable(store.root)
+        self.table = InodeTable(os.open(store.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -118,6 +116,10 @@ class Operations(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(8)
         self._metadata_threads = metadata_threads
         self._root_uid = os.geteuid() == 0
+
+    def close(self) -> None:
+        """Let go of the backing directories (after the last request)."""
+        self.table.close()
 
     # ---- plumbing -----------------------------------------------------------
 
@@ -180,6 +182,33 @@ class Operations(pyfuse3.Operations):
             e.st_atime_ns, e.st_mtime_ns = node.times
         return e
 
+    def _dir_fd(self, node: Node) -> int:
+        """Blocking: the descriptor of a directory node's backing directory, opened
+        through its parent's on first use."""
+        if node.fd is not None:
+            return node.fd
+        parent, name = self.table.name_of(node)
+        fd = At(self._dir_fd(parent), name).open(os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "directory replaced behind the mount")
+        self.table.hold(node, fd)
+        if node.fd is None:
+            raise OSError(errno.ESTALE, "forgotten meanwhile")
+        return node.fd
+
+    def _at(self, node: Node) -> At:
+        """Blocking: where the node's object is: a directory by its own descriptor, any
+        other object by its name in its parent (ENOENT once no name is left)."""
+        if node.is_dir:
+            return At(self._dir_fd(node), b".")
+        parent, name = self.table.name_of(node)
+        return At(self._dir_fd(parent), name)
+
+    def _child(self, parent_inode: int, name: bytes) -> At:
+        return At(self._dir_fd(self.table.get(parent_inode)), name)
+
     def _stat_node(self, node: Node) -> tuple[os.stat_result, int]:
         """Blocking: the node's backing stat and plaintext size (by name, or by open file)."""
         target = self._target(node)
@@ -212,11 +241,11 @@ class Operations(pyfuse3.Operations):
             node.mtime_ns = time.time_ns()
         return node.working
 
-    def _fresh_reader(self, node: Node, path: bytes) -> Reader:
+    def _fresh_reader(self, node: Node, at: At) -> Reader:
         """Blocking: the node's reader, reopened if the name now holds another file."""
         reader = node.reader
         if reader is not None:
-            now, held = os.lstat(path), os.fstat(reader.fd)
+            now, held = at.lstat(), os.fstat(reader.fd)
             key = (held.st_dev, held.st_ino)
             if (now.st_dev, now.st_ino) == key or node.handed_out == key:
                 # The same file; or the lookup this open follows found this very
@@ -227,7 +256,7 @@ class Operations(pyfuse3.Operations):
             # ESTALE makes the kernel look the name up and open the new file as a
             # node of its own.
             raise OSError(errno.ESTALE, "replaced behind the mount while open")
-        return self.store.open_reader(path)
+        return self.store.open_reader(at)
 
     async def _commit(self, node: Node, *, durable: bool) -> None:
         """Make the node's pending writes the committed version (node lock held)."""
@@ -235,7 +264,7 @@ class Operations(pyfuse3.Operations):
         if working is None:
             return
         try:
-            path = self.table.path(node)
+            at = await self._meta(self._at, node)
         except OSError:
             return  # unlinked while open: nothing to commit to
         # The new version keeps the mtime the view showed while writes were
@@ -243,7 +272,7 @@ class Operations(pyfuse3.Operations):
         times = node.times or (None, node.mtime_ns)
 
         def publish(temp, nonce):
-            return self.store.publish(temp, path, nonce, durable=durable, times=times)
+            return self.store.publish(temp, at, nonce, durable=durable, times=times)
 
         try:
             reader = await self._run(working.commit, publish)
@@ -291,8 +320,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         _hidden_name(name, creating=False)
-        path = self.table.child_path(self.table.get(parent_inode), name)
-        st, size, _ = await self._meta(self.store.stat, path)
+        at = await self._meta(self._child, parent_inode, name)
+        st, size, _ = await self._meta(self.store.stat, at)
         node = self.table.bind(parent_inode, name, st)
         node.lookups += 1
         node.handed_out = (st.st_dev, st.st_ino)
@@ -325,7 +354,7 @@ class Operations(pyfuse3.Operations):
             target = self._target(node)
             if fields.update_size:
                 if node.reader is None:
-                    assert isinstance(target, bytes)  # a node without a name is open
+                    assert isinstance(target, At)  # a node without a name is open
                     node.reader = await self._meta(self._fresh_reader, node, target)
                     opened_here = True
                 else:
@@ -340,38 +369,38 @@ class Operations(pyfuse3.Operations):
             await self._meta(self._set_metadata, node, target, attr, fields)
         return await self._entry(node)
 
-    def _target(self, node: Node) -> bytes | int:
-        """The node's backing path or, once its last name is gone, the file it holds open."""
+    def _target(self, node: Node) -> At | int:
+        """Blocking: the node's place or, once its last name is gone, the file it holds open."""
         try:
-            return self.table.path(node)
+            return self._at(node)
         except OSError:
             if node.reader is None:
                 raise
             return node.reader.fd
 
     def _set_metadata(
-        self, node: Node, target: bytes | int, attr: pyfuse3.EntryAttributes, fields: Any
+        self, node: Node, target: At | int, attr: pyfuse3.EntryAttributes, fields: Any
     ) -> None:
-        follow = isinstance(target, int)  # a descriptor: the call must not ask about links
+        # A descriptor, or a name in a directory whose last component is never followed.
+        where: dict[str, Any] = (
+            {"dir_fd": target.dir_fd, "follow_symlinks": False} if isinstance(target, At) else {}
+        )
+        obj = target.name if isinstance(target, At) else target
         changed = False
         if fields.update_mode and not stat.S_ISLNK(node.mode):
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
+            os.chmod(obj, stat.S_IMODE(attr.st_mode), dir_fd=where.get("dir_fd"))
             changed = True
         if fields.update_uid or fields.update_gid:
-            os.chown(
-                target,
-                attr.st_uid if fields.update_uid else -1,
-                attr.st_gid if fields.update_gid else -1,
-                follow_symlinks=follow,
-            )
+            uid = attr.st_uid if fields.update_uid else -1
+            os.chown(obj, uid, attr.st_gid if fields.update_gid else -1, **where)
             changed = True
         if fields.update_atime or fields.update_mtime:
-            st = os.stat(target, follow_symlinks=follow)
+            st = os.stat(obj, **where)
             times = (
                 attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                 attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
             )
-            os.utime(target, ns=times, follow_symlinks=follow)
+            os.utime(obj, ns=times, **where)
             if node.working is not None:
                 node.times = times
             changed = True
@@ -380,7 +409,8 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self._meta(os.readlink, self.table.path(self.table.get(inode)))
+        at = await self._meta(self._at, self.table.get(inode))
+        return await self._meta(functools.partial(os.readlink, at.name, dir_fd=at.dir_fd))
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -402,35 +432,35 @@ class Operations(pyfuse3.Operations):
         self,
         parent_inode: int,
         name: bytes,
-        make: Callable[[bytes], None],
+        make: Callable[[At], None],
         *,
         created: bool = True,
     ) -> pyfuse3.EntryAttributes:
-        """Run `make(path)` for a new name, then look it up (`created`: a new object,
+        """Run `make(at)` for a new name, then look it up (`created`: a new object,
         not another name of an existing one)."""
         _hidden_name(name, creating=True)
-        path = self.table.child_path(self.table.get(parent_inode), name)
 
         def work() -> tuple[os.stat_result, int, Any]:
-            make(path)
-            return self.store.stat(path)
+            at = self._child(parent_inode, name)
+            make(at)
+            return self.store.stat(at)
 
         st, size, _ = await self._meta(work)
         node = self.table.bind(parent_inode, name, st, created=created)
         node.lookups += 1
         return self._attrs(node, st, size)
 
-    def _chown_new(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def _chown_new(self, at: At, ctx: pyfuse3.RequestContext) -> None:
         if self._root_uid:
-            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+            os.chown(at.name, ctx.uid, ctx.gid, dir_fd=at.dir_fd, follow_symlinks=False)
 
     @_boundary
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        def make(path: bytes) -> None:
-            os.mkdir(path, stat.S_IMODE(mode))
-            self._chown_new(path, ctx)
+        def make(at: At) -> None:
+            os.mkdir(at.name, stat.S_IMODE(mode), dir_fd=at.dir_fd)
+            self._chown_new(at, ctx)
 
         return await self._made(parent_inode, name, make)
 
@@ -438,9 +468,9 @@ class Operations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        def make(path: bytes) -> None:
-            os.symlink(target, path)
-            self._chown_new(path, ctx)
+        def make(at: At) -> None:
+            os.symlink(target, at.name, dir_fd=at.dir_fd)
+            self._chown_new(at, ctx)
 
         return await self._made(parent_inode, name, make)
 
@@ -448,9 +478,9 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        def make(path: bytes) -> None:
-            os.mknod(path, mode, rdev)
-            self._chown_new(path, ctx)
+        def make(at: At) -> None:
+            os.mknod(at.name, mode, rdev, dir_fd=at.dir_fd)
+            self._chown_new(at, ctx)
 
         return await self._made(parent_inode, name, make)
 
@@ -460,25 +490,28 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         async with node.lock:
-            src = self.table.path(node)
-            return await self._made(
-                new_parent_inode,
-                new_name,
-                lambda path: os.link(src, path, follow_symlinks=False),
-                created=False,
-            )
+            src = await self._meta(self._at, node)
 
-    async def _remove(
-        self, parent_inode: int, name: bytes, remove: Callable[[bytes], None]
-    ) -> None:
+            def make(at: At) -> None:
+                os.link(
+                    src.name,
+                    at.name,
+                    src_dir_fd=src.dir_fd,
+                    dst_dir_fd=at.dir_fd,
+                    follow_symlinks=False,
+                )
+
+            return await self._made(new_parent_inode, new_name, make, created=False)
+
+    async def _remove(self, parent_inode: int, name: bytes, remove: Callable[..., None]) -> None:
         _hidden_name(name, creating=False)
-        path = self.table.child_path(self.table.get(parent_inode), name)
+        at = await self._meta(self._child, parent_inode, name)
         victim = self.table.child(parent_inode, name)
         if victim is None:
-            await self._meta(remove, path)
+            await self._meta(functools.partial(remove, at.name, dir_fd=at.dir_fd))
             return
         async with victim.lock:
-            await self._meta(remove, path)
+            await self._meta(functools.partial(remove, at.name, dir_fd=at.dir_fd))
             self.table.unlink(parent_inode, name)
         self.table.settle(victim)
 
@@ -504,8 +537,8 @@ class Operations(pyfuse3.Operations):
         _hidden_name(name_new, creating=True)
         if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        old = self.table.child_path(self.table.get(parent_inode_old), name_old)
-        new = self.table.child_path(self.table.get(parent_inode_new), name_new)
+        old = await self._meta(self._child, parent_inode_old, name_old)
+        new = await self._meta(self._child, parent_inode_new, name_new)
         nodes = {
             n.inode: n
             for n in (
@@ -519,9 +552,12 @@ class Operations(pyfuse3.Operations):
             for node in locked:
                 await stack.enter_async_context(node.lock)
             if flags:
-                await self._meta(renameat2, AT_FDCWD, old, AT_FDCWD, new, flags)
+                await self._meta(renameat2, old.dir_fd, old.name, new.dir_fd, new.name, flags)
             else:
-                await self._meta(os.rename, old, new)
+                rename = functools.partial(
+                    os.rename, old.name, new.name, src_dir_fd=old.dir_fd, dst_dir_fd=new.dir_fd
+                )
+                await self._meta(rename)
             if flags & pyfuse3.RENAME_EXCHANGE:
                 self.table.exchange((parent_inode_old, name_old), (parent_inode_new, name_new))
             else:
@@ -536,14 +572,10 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         _hidden_name(name, creating=True)
-        path = self.table.child_path(self.table.get(parent_inode), name)
 
         def make() -> tuple[int, os.stat_result]:
-            fd = os.open(
-                path,
-                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                stat.S_IMODE(mode),
-            )
+            at = self._child(parent_inode, name)
+            fd = at.open(os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, stat.S_IMODE(mode))
             try:
                 if self._root_uid:
                     os.fchown(fd, ctx.uid, ctx.gid)
@@ -577,8 +609,8 @@ class Operations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         async with node.lock:
             if node.working is None:
-                path = self.table.path(node)
-                node.reader = await self._meta(self._fresh_reader, node, path)
+                at = await self._meta(self._at, node)
+                node.reader = await self._meta(self._fresh_reader, node, at)
                 node.handed_out = None
                 st = await self._meta(os.fstat, node.reader.fd)
                 # The name may hold another file than the node last knew (replaced behind
@@ -641,8 +673,8 @@ class Operations(pyfuse3.Operations):
         async with node.lock:
             if node.working is not None:
                 await self._commit(node, durable=True)
-            elif isinstance(target := self._target(node), bytes):
-                await self._run(sync_dir, os.path.dirname(target))
+            elif isinstance(target := await self._meta(self._target, node), At):
+                await self._run(sync_dir, At(target.dir_fd, b"."))
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -671,14 +703,19 @@ class Operations(pyfuse3.Operations):
         node.opens += 1
         return self._new_fh(DirHandle(node))
 
-    def _list(self, path: bytes) -> list[bytes]:
-        return [n for n in os.listdir(path) if not is_hidden(n)]
+    def _list(self, at: At) -> list[bytes]:
+        fd = at.open(os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            names = (os.fsencode(n) for n in os.listdir(fd))  # str: listed by descriptor
+            return [n for n in names if not is_hidden(n)]
+        finally:
+            os.close(fd)
 
-    def _stat_many(self, path: bytes, names: list[bytes]) -> list[tuple[bytes, Any] | None]:
+    def _stat_many(self, dir_fd: int, names: list[bytes]) -> list[tuple[bytes, Any] | None]:
         out: list[tuple[bytes, Any] | None] = []
         for name in names:
             try:
-                out.append((name, self.store.stat(os.path.join(path, name))))
+                out.append((name, self.store.stat(At(dir_fd, name))))
             except FileNotFoundError:
                 out.append(None)  # removed since the listing
         return out
@@ -688,13 +725,13 @@ class Operations(pyfuse3.Operations):
         dh = self._handles.get(fh)
         if not isinstance(dh, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        path = self.table.path(dh.node)
+        at = await self._meta(self._at, dh.node)
         if start_id == 0 or dh.names is None:
-            dh.names = await self._meta(self._list, path)
+            dh.names = await self._meta(self._list, at)
         names = dh.names
         batch = 256
         for first in range(start_id, len(names), batch):
-            stats = await self._meta(self._stat_many, path, names[first : first + batch])
+            stats = await self._meta(self._stat_many, at.dir_fd, names[first : first + batch])
             for i, item in enumerate(stats, start=first):
                 if item is None:
                     continue
@@ -717,7 +754,7 @@ class Operations(pyfuse3.Operations):
         dh = self._handles.get(fh)
         if not isinstance(dh, DirHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        await self._run(sync_dir, self.table.path(dh.node))
+        await self._run(sync_dir, await self._meta(self._at, dh.node))
 
     # ---- extended attributes --------------------------------------------------
 
@@ -725,11 +762,11 @@ class Operations(pyfuse3.Operations):
         """Blocking: the read-only user.stormfs.* attributes of a regular file."""
         if not stat.S_ISREG(node.mode):
             return {}
-        path = self.table.path(node)
-        st, _, kind = self.store.stat(path)
+        at = self._at(node)
+        st, _, kind = self.store.stat(at)
         if kind is not fmt.Kind.ENCRYPTED:
             return {XATTR_METHOD: b"none"}
-        key_id = self.store.key_id_of(path) or (self.store.key.key_id if self.store.key else "")
+        key_id = self.store.key_id_of(at) or (self.store.key.key_id if self.store.key else "")
         return {
             XATTR_METHOD: b"server",
             XATTR_SIZE: str(st.st_size).encode(),
@@ -749,7 +786,7 @@ class Operations(pyfuse3.Operations):
             if value is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             return value
-        path = self.table.path(node)
+        path = (await self._meta(self._at, node)).proc
         try:
             return await self._meta(
                 functools.partial(os.getxattr, path, key, follow_symlinks=False)
@@ -762,7 +799,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.table.get(inode)
-        path = self.table.path(node)
+        path = (await self._meta(self._at, node)).proc
 
         def names() -> list[bytes]:
             own = [
@@ -783,7 +820,7 @@ class Operations(pyfuse3.Operations):
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return  # read-only and computed: accepted and ignored, so `cp -a` onto a mount works
         node = self.table.get(inode)
-        path = self.table.path(node)
+        path = (await self._meta(self._at, node)).proc
 
         def work() -> None:
             os.setxattr(path, key, value, follow_symlinks=False)
@@ -799,7 +836,7 @@ class Operations(pyfuse3.Operations):
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return
         node = self.table.get(inode)
-        path = self.table.path(node)
+        path = (await self._meta(self._at, node)).proc
 
         def work() -> None:
             try:

@@ -15,8 +15,12 @@ gets a fresh node.  A node without a name reaches SOURCE only through the
 descriptor it holds, or not at all (ENOENT): never through another object that
 inherited its number.
 
-A node knows its names as (parent inode, name) links; its path is found by
-walking parents, so renaming a directory needs no update of its descendants.
+A node knows its names as (parent inode, name) links.  A directory's node
+holds an ``O_PATH`` descriptor of its backing directory (opened on first use,
+closed when the node goes): names below it are reached through that descriptor,
+so no path grows with the depth of the tree, renaming a directory needs no
+update of its descendants, and a removed directory's node still reaches that
+directory and nothing else.
 
 When another program replaces a name behind the mount, the name is bound to a
 new node.  A node that is still open keeps the name as a *shadow* link, so
@@ -60,6 +64,8 @@ class Node:
     # The backing file a lookup found under this node's name since its last open: the
     # open that follows is served that version even if the name has moved on since.
     handed_out: BackingKey | None = None
+    # A directory's backing directory, held open (O_PATH) while the node lives.
+    fd: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -68,7 +74,7 @@ class Node:
     @property
     def pinned(self) -> bool:
         """An open descriptor holds the backing object, so its number cannot be reused."""
-        return self.reader is not None
+        return self.reader is not None or self.fd is not None
 
     @property
     def busy(self) -> bool:
@@ -76,10 +82,12 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root: bytes) -> None:
-        self.root_path = root
-        st = os.lstat(root)
-        self.root = Node(pyfuse3.ROOT_INODE, (st.st_dev, st.st_ino), st.st_mode, lookups=1)
+    def __init__(self, root_fd: int) -> None:
+        """`root_fd`: SOURCE, open (O_PATH is enough); the table closes it."""
+        st = os.fstat(root_fd)
+        self.root = Node(
+            pyfuse3.ROOT_INODE, (st.st_dev, st.st_ino), st.st_mode, lookups=1, fd=root_fd
+        )
         self._nodes: dict[int, Node] = {self.root.inode: self.root}
         self._by_key: dict[BackingKey, Node] = {self.root.key: self.root}
         self._by_link: dict[Link, Node] = {}
@@ -98,17 +106,26 @@ class InodeTable:
     def child(self, parent: int, name: bytes) -> Node | None:
         return self._by_link.get((parent, name))
 
-    def path(self, node: Node) -> bytes:
-        if node is self.root:
-            return self.root_path
+    def name_of(self, node: Node) -> tuple[Node, bytes]:
+        """A name the node has now: its parent's node and the name in it."""
         for parent, name in node.links:
             p = self._nodes.get(parent)
             if p is not None:
-                return os.path.join(self.path(p), name)
+                return p, name
         raise OSError(errno.ENOENT, "no name left")
 
-    def child_path(self, parent: Node, name: bytes) -> bytes:
-        return os.path.join(self.path(parent), name)
+    def hold(self, node: Node, fd: int) -> None:
+        """Give a directory's node the descriptor of its backing directory."""
+        if node.fd is None and self._nodes.get(node.inode) is node:
+            node.fd = fd
+        else:  # another call was first, or the node is gone
+            os.close(fd)
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            if node.fd is not None:
+                os.close(node.fd)
+                node.fd = None
 
     def bind(self, parent: int, name: bytes, st: os.stat_result, *, created: bool = False) -> Node:
         """The node for the backing object now found at parent/name.
@@ -209,6 +226,9 @@ class InodeTable:
                     if not shadows:
                         del self._shadows[link]
             node.links.clear()
+            if node.fd is not None:
+                os.close(node.fd)
+                node.fd = None
         self._unindex_nameless([node])
 
     def _unindex_nameless(self, nodes: list[Node]) -> None:

@@ -136,10 +136,10 @@ def header_kind(fd: int, st: os.stat_result) -> fmt.Kind:
 
 
 def kind_of(
-    path: bytes, st: os.stat_result, cache: LRU | None = None
+    path: bytes, st: os.stat_result, cache: LRU | None = None, *, dir_fd: int | None = None
 ) -> tuple[os.stat_result, fmt.Kind | None]:
-    """The format of the regular file at `path` whose lstat is `st`, and the stat
-    that describes it (None: no longer a regular file).
+    """The format of the regular file at `path` (relative to `dir_fd` if given) whose
+    lstat is `st`, and the stat that describes it (None: no longer a regular file).
 
     A file too short for an envelope is legacy without being opened.  Another
     is looked up in `cache` (identity -> kind), else opened and described by
@@ -151,7 +151,7 @@ def kind_of(
     kind = cache.get(Identity.of(st)) if cache is not None else None
     if kind is not None:
         return st, kind
-    fd = open_readonly(path)
+    fd = open_readonly(path, dir_fd=dir_fd)
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):

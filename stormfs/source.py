@@ -1,8 +1,9 @@
 """SOURCE access: the primitives every part of stormfs touches the storage directory with.
 
-The names stormfs keeps for itself, opening without touching atime, the
-private state directory, locks, atomic writes, syncs, name exchange, extended
-attributes and metadata copies.  Blocking code.
+The names stormfs keeps for itself, places reached by directory descriptor,
+opening without touching atime, the private state directory, locks, atomic
+writes, syncs, name exchange, extended attributes and metadata copies.
+Blocking code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,28 @@ RENAME_EXCHANGE = 2
 PART_INFIX = b".part-"
 
 libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+
+
+class At(NamedTuple):
+    """A name in a directory held by descriptor (``O_PATH`` is enough); ``b"."`` is the
+    directory itself.  The mount reaches SOURCE this way: no path is longer than one
+    name, whatever the depth, and a directory renamed meanwhile is still the same one."""
+
+    dir_fd: int
+    name: bytes
+
+    @property
+    def proc(self) -> bytes:
+        """The same place as a short path, for calls that take no directory descriptor
+        (extended attributes): the kernel follows the descriptor, not a path."""
+        return b"/proc/self/fd/%d/%s" % (self.dir_fd, self.name)
+
+    def lstat(self) -> os.stat_result:
+        return os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+
+    def open(self, flags: int, mode: int = 0o777) -> int:
+        return os.open(self.name, flags | os.O_CLOEXEC, mode, dir_fd=self.dir_fd)
 
 
 def check_libc(result: int, prefix: str = "") -> None:
@@ -61,9 +85,9 @@ def open_dir(path: bytes | str, *, nofollow: bool = False) -> int:
     )
 
 
-def sync_dir(path: bytes | str) -> None:
+def sync_dir(path: bytes | str | At) -> None:
     """fsync a directory: the names created, renamed or removed in it become durable."""
-    fd = open_dir(path)
+    fd = path.open(os.O_RDONLY | os.O_DIRECTORY) if isinstance(path, At) else open_dir(path)
     try:
         os.fsync(fd)
     finally:

@@ -32,6 +32,7 @@ from .scan import header_kind, kind_of
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
+    At,
     copy_metadata,
     copy_metadata_fd,
     lock,
@@ -150,46 +151,55 @@ class Store:
 
     # ---- paths and classification -----------------------------------------
 
-    def rel(self, path: bytes) -> str:
-        """A path relative to SOURCE, for log lines."""
+    def real_path(self, at: At) -> bytes:
+        """Where a place is now, as a path (for log lines and redo records only)."""
+        parent = os.readlink(b"/proc/self/fd/%d" % at.dir_fd)
+        return parent if at.name == b"." else os.path.join(parent, at.name)
+
+    def rel(self, at: At | bytes) -> str:
+        """A place (or path) relative to SOURCE, for log lines."""
+        try:
+            path = at if isinstance(at, bytes) else self.real_path(at)
+        except OSError:
+            return os.fsdecode(at.name if isinstance(at, At) else at)
         return os.fsdecode(os.path.relpath(path, self.root))
 
-    def stat(self, path: bytes) -> tuple[os.stat_result, int, fmt.Kind | None]:
+    def stat(self, at: At) -> tuple[os.stat_result, int, fmt.Kind | None]:
         """lstat, plus the plaintext size and the mixed-mode class of a regular file
         (`scan.kind_of`, cached by identity; None where the file cannot be opened)."""
-        st = os.lstat(path)
+        st = at.lstat()
         if not stat.S_ISREG(st.st_mode):
             return st, st.st_size, None
         try:
-            st, kind = kind_of(path, st, self._kinds)
+            st, kind = kind_of(at.name, st, self._kinds, dir_fd=at.dir_fd)
         except PermissionError:
             return st, st.st_size, None
         if kind is None:
             return st, st.st_size, None
         return st, fmt.plaintext_size(st.st_size, kind), kind
 
-    def key_id_of(self, path: bytes) -> str | None:
-        return recorded_key_id(path)
+    def key_id_of(self, at: At) -> str | None:
+        return recorded_key_id(at.proc)
 
-    def open_reader(self, path: bytes) -> Reader:
+    def open_reader(self, at: At) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = at.open(os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise _replaced(path) from None
+                raise _replaced(at.name) from None
             raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise _replaced(path)
+                raise _replaced(at.name)
             kind = header_kind(fd, st)
             self._kinds.put(Identity.of(st), kind)
             if kind is fmt.Kind.PLAINTEXT:
                 return PlainReader(fd, st.st_size)
             if self.key is None:
-                return NoKeyReader(fd, st, self.rel(path))
-            return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(path), st=st)
+                return NoKeyReader(fd, st, self.rel(at))
+            return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(at), st=st)
         except BaseException:
             os.close(fd)
             raise
@@ -218,13 +228,13 @@ class Store:
     def publish(
         self,
         temp: TempFile,
-        path: bytes,
+        at: At,
         nonce: bytes | None,
         *,
         durable: bool,
         times: tuple[int | None, int] | None = None,
     ) -> Reader:
-        """Make `temp` (complete, not yet synced) the content of `path`, atomically.
+        """Make `temp` (complete, not yet synced) the content of the file `at`, atomically.
 
         Metadata (mode, owner, extended attributes) is carried over from the
         current file.  A file with several hard links is rewritten in place under
@@ -233,27 +243,26 @@ class Store:
         gives (atime, mtime) in ns, atime None for the current file's.
         Returns a reader of the new version; `temp` is consumed on success.
         """
-        old = os.lstat(path)
+        old = at.lstat()
         if not stat.S_ISREG(old.st_mode):
-            raise OSError(errno.EISDIR if stat.S_ISDIR(old.st_mode) else errno.EINVAL, path)
+            raise OSError(errno.EISDIR if stat.S_ISDIR(old.st_mode) else errno.EINVAL, at.name)
         ns = (
             None if times is None else (old.st_atime_ns if times[0] is None else times[0], times[1])
         )
-        copy_metadata(path, old, temp.fd)
+        copy_metadata(at.proc, old, temp.fd)
         if self.key is not None and nonce is not None:
             set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
         if ns is not None:
             os.utime(temp.fd, ns=ns)
         os.fsync(temp.fd)
-        parent, name = os.path.split(path)
-        dir_fd = open_dir(parent)
+        dir_fd = At(at.dir_fd, b".").open(os.O_RDONLY | os.O_DIRECTORY)  # O_PATH cannot fsync
         try:
             if old.st_nlink > 1:
-                reader = self._rewrite_in_place(temp, path, old, nonce, ns)
+                reader = self._rewrite_in_place(temp, at, old, nonce, ns)
                 temp.discard()
             else:
-                self._rename_into(temp, dir_fd, name, old.st_dev)
-                reader = self._reader_for(temp.take_fd(), path, nonce)
+                self._rename_into(temp, dir_fd, at.name, old.st_dev)
+                reader = self._reader_for(temp.take_fd(), at, nonce)
             if durable:
                 try:
                     os.fsync(dir_fd)
@@ -264,13 +273,13 @@ class Store:
             os.close(dir_fd)
         return reader
 
-    def _reader_for(self, fd: int, path: bytes, nonce: bytes | None) -> Reader:
+    def _reader_for(self, fd: int, at: At, nonce: bytes | None) -> Reader:
         st = os.fstat(fd)
         if nonce is None or self.key is None:
             return PlainReader(fd, st.st_size)
         self._kinds.put(Identity.of(st), fmt.Kind.ENCRYPTED)
         return EnvelopeReader(
-            fd, self.key.material, self.verdicts, self.rel(path), nonce=nonce, st=st
+            fd, self.key.material, self.verdicts, self.rel(at), nonce=nonce, st=st
         )
 
     def _rename_into(self, temp: TempFile, dir_fd: int, name: bytes, dev: int) -> None:
@@ -295,20 +304,20 @@ class Store:
     def _rewrite_in_place(
         self,
         temp: TempFile,
-        path: bytes,
+        at: At,
         old: os.stat_result,
         nonce: bytes | None,
         times: tuple[int, int] | None,
     ) -> Reader:
         record = {
-            "target": os.fsdecode(path),
+            "target": os.fsdecode(self.real_path(at)),
             "temp": temp.name.decode(),
             "dev": old.st_dev,
             "ino": old.st_ino,
         }
         rec_name = b"redo-" + temp.name
         write_atomically(self.instance_fd, rec_name, json.dumps(record).encode())
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = at.open(os.O_RDWR | os.O_NOFOLLOW)
         try:
             _overwrite(temp.fd, fd)
             if times is not None:
@@ -320,7 +329,7 @@ class Store:
             os.close(fd)
             raise
         os.unlink(rec_name, dir_fd=self.instance_fd)
-        return self._reader_for(fd, path, nonce)
+        return self._reader_for(fd, at, nonce)
 
     def _replay(self, instance: bytes, rec_name: bytes) -> None:
         """Finish an interrupted in-place rewrite (the temp is complete and synced)."""
@@ -354,10 +363,10 @@ class Store:
             os.close(src)
 
 
-def _replaced(path: bytes) -> OSError:
+def _replaced(name: bytes) -> OSError:
     """The regular file the kernel knows was replaced by another kind of object behind
     the mount.  ESTALE makes the kernel look the name up again and retry."""
-    return OSError(errno.ESTALE, "no longer a regular file", os.fsdecode(path))
+    return OSError(errno.ESTALE, "no longer a regular file", os.fsdecode(name))
 
 
 def _age(entry: os.DirEntry) -> float:

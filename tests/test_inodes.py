@@ -47,8 +47,7 @@ class Obj:
 class Backing:
     """Directories and regular files; inode numbers are reused smallest-first."""
 
-    def __init__(self, root_path: bytes) -> None:
-        self.root_path = root_path
+    def __init__(self) -> None:
         self.root = Obj(1, stat.S_IFDIR | 0o755, 0)
         self.live: dict[int, Obj] = {1: self.root}
         self._idents = 0
@@ -65,17 +64,6 @@ class Backing:
     def _free_if_gone(self, obj: Obj) -> None:
         if obj.nlink == 0 and obj.pins == 0 and self.live.get(obj.ino) is obj:
             del self.live[obj.ino]
-
-    def resolve(self, path: bytes) -> Obj:
-        assert path.startswith(self.root_path)
-        obj = self.root
-        for part in path[len(self.root_path) :].split(b"/"):
-            if not part:
-                continue
-            if not obj.is_dir or part not in obj.children:
-                raise OSError(errno.ENOENT, "no such name")
-            obj = obj.children[part]
-        return obj
 
     def make(self, parent: Obj, name: bytes, mode: int) -> Obj:
         obj = self._new(mode)
@@ -132,14 +120,17 @@ def _descendants(obj: Obj) -> set[int]:
 class Harness:
     def __init__(self, root: Path, rng: random.Random) -> None:
         self.rng = rng
-        self.table = InodeTable(os.fsencode(root))
-        self.fs = Backing(self.table.root_path)
+        self.root = root
+        self.table = InodeTable(os.open(root, os.O_PATH))
+        self.fs = Backing()
         self.table.root.key = (DEV, 1)
         self.table._by_key = {(DEV, 1): self.table.root}
         self.stands_for: dict[int, int] = {self.table.root.inode: 0}  # inode -> ident
         self.readers: dict[int, Obj] = {}  # inode -> the backing object its reader holds
         self.handles: list[Node] = []
         self.names = [b"a", b"b", b"c", b"d"]
+        # inode -> the directory its descriptor holds (fs.Operations._dir_fd)
+        self.held: dict[int, Obj] = {self.table.root.inode: self.fs.root}
 
     # ---- the model's view ---------------------------------------------------
 
@@ -155,12 +146,46 @@ class Harness:
     def known_dirs(self) -> list[Node]:
         return [self.table.root, *(n for n in self.nodes() if n.is_dir and n.lookups)]
 
+    def dir_obj(self, node: Node) -> Obj:
+        """The directory a directory node reaches: by its descriptor, opened through its
+        parent's on first use (as fs.Operations._dir_fd does)."""
+        if node.inode in self.held:
+            return self.held[node.inode]
+        parent, name = self.table.name_of(node)
+        obj = self.dir_obj(parent).children.get(name)
+        if obj is None:
+            raise OSError(errno.ENOENT, "no such name")
+        if (DEV, obj.ino) != node.key:
+            raise OSError(errno.ESTALE, "replaced")
+        self.table.hold(node, os.open(self.root, os.O_PATH))
+        self.held[node.inode] = obj
+        self.fs.pin(obj)
+        return obj
+
+    def reach(self, node: Node) -> Obj:
+        """The object an operation through `node` reaches by name (fs.Operations._at)."""
+        if node.is_dir:
+            return self.dir_obj(node)
+        parent, name = self.table.name_of(node)
+        obj = self.dir_obj(parent).children.get(name)
+        if obj is None:
+            raise OSError(errno.ENOENT, "no such name")
+        return obj
+
     def where(self, node: Node) -> Obj | None:
         """The backing object an operation through `node` reaches, as fs._target does."""
         try:
-            return self.fs.resolve(self.table.path(node))
+            return self.reach(node)
         except OSError:
             return self.readers.get(node.inode)
+
+    def release_dirs(self) -> None:
+        """The table closed the descriptors of nodes it dropped."""
+        for inode, obj in list(self.held.items()):
+            node = self.table._nodes.get(inode)
+            if node is None or node.fd is None:
+                del self.held[inode]
+                self.fs.unpin(obj)
 
     def check(self) -> None:
         for node in self.nodes():
@@ -173,8 +198,10 @@ class Harness:
                 assert self.readers[node.inode].ident == ident
             for parent, name in node.links:
                 if parent in self.table._nodes:
-                    path = os.path.join(self.table.path(self.table.get(parent)), name)
-                    assert self.fs.resolve(path).ident == ident, f"{path!r} is another object"
+                    obj = self.dir_obj(self.table.get(parent)).children[name]
+                    assert obj.ident == ident, f"{name!r} in {parent} is another object"
+            if node.fd is not None:
+                assert self.held[node.inode].ident == ident
         for key, node in self.table._by_key.items():
             assert node.key == key
             obj = self.fs.live.get(key[1])
@@ -238,7 +265,7 @@ class Harness:
         node = self.rng.choice(files)
         if node.inode not in self.readers:
             try:
-                obj = self.fs.resolve(self.table.path(node))
+                obj = self.reach(node)
             except OSError:
                 return  # ENOENT: no name, no descriptor
             self.table.rekey(node, obj.st())
@@ -251,14 +278,14 @@ class Harness:
             return
         node = self.rng.choice(self.handles)
         try:
-            path = self.table.path(node)
+            parent, name = self.table.name_of(node)
+            pobj = self.dir_obj(parent)
         except OSError:
             return  # unlinked while open: nothing to commit to
-        parent, name = os.path.split(path)
-        pobj, old = self.fs.resolve(parent), self.readers[node.inode]
+        old = self.readers[node.inode]
         if old.nlink > 1:
             return  # rewritten in place: the backing inode stays
-        new = self.fs.replace(pobj, name, self.fs.resolve(path))
+        new = self.fs.replace(pobj, name, pobj.children[name])
         self.fs.pin(new)
         self.readers[node.inode] = new
         self.fs.unpin(old)
@@ -299,7 +326,7 @@ class Harness:
         name = self.rng.choice(self.names)
         if name in pobj.children:
             return
-        obj = self.fs.resolve(self.table.path(node))
+        obj = self.reach(node)
         self.fs.link(obj, pobj, name)
         got = self.table.bind(parent.inode, name, obj.st())
         got.lookups += 1
@@ -365,6 +392,7 @@ class Harness:
         )
         fn = self.rng.choices([f for f, _ in ops], weights=[w for _, w in ops])[0]
         fn()
+        self.release_dirs()
         self.check()
 
 

@@ -42,9 +42,11 @@ def material() -> bytes:
 @pytest.fixture
 def ops(source: Path, material: bytes) -> Iterator[Operations]:
     store = Store(str(source), keys.Key("1", material))
+    ops = Operations(store)
     try:
-        yield Operations(store)
+        yield ops
     finally:
+        ops.close()
         store.close()
 
 

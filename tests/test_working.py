@@ -12,10 +12,30 @@ import pytest
 
 from stormfs import format as fmt
 from stormfs.keys import Key
+from stormfs.source import At
 from stormfs.store import Store
 from stormfs.working import BLOCK, WorkingCopy
 
 KEY = Key("7", os.urandom(32))
+
+
+_DIR_FDS: dict[Path, int] = {}
+
+
+def at(path: Path) -> At:
+    """The store's way to a file: its name in its directory, held by descriptor."""
+    parent = path.parent
+    if parent not in _DIR_FDS:
+        _DIR_FDS[parent] = os.open(parent, os.O_PATH | os.O_DIRECTORY)
+    return At(_DIR_FDS[parent], os.fsencode(path.name))
+
+
+@pytest.fixture(autouse=True)
+def _close_dirs():
+    yield
+    for fd in _DIR_FDS.values():
+        os.close(fd)
+    _DIR_FDS.clear()
 
 
 @pytest.fixture
@@ -33,7 +53,7 @@ def plaintext(path: Path) -> bytes:
 
 
 def commit(store: Store, w: WorkingCopy, path: Path):
-    return w.commit(lambda temp, nonce: store.publish(temp, bytes(path), nonce, durable=True))
+    return w.commit(lambda temp, nonce: store.publish(temp, at(path), nonce, durable=True))
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -47,7 +67,7 @@ def test_random_operations_match_model(store: Store, tmp_path: Path, seed: int):
     if rng.random() < 0.5:
         path.write_bytes(fmt.seal(KEY.material, path.read_bytes()))
     for _ in range(3):
-        reader = store.open_reader(bytes(path))
+        reader = store.open_reader(at(path))
         model = bytearray(plaintext(path))
         w = WorkingCopy(store, reader, reader.size)
         for _ in range(rng.randint(1, 40)):
@@ -80,7 +100,7 @@ def test_random_operations_match_model(store: Store, tmp_path: Path, seed: int):
 def test_failed_commit_keeps_pending_writes(store: Store, tmp_path: Path):
     path = tmp_path / "f"
     path.write_bytes(b"base")
-    reader = store.open_reader(bytes(path))
+    reader = store.open_reader(at(path))
     w = WorkingCopy(store, reader, reader.size)
     w.write(4, b" and more")
 
@@ -101,7 +121,7 @@ def test_publish_keeps_metadata(store: Store, tmp_path: Path):
     os.chmod(path, 0o604)
     os.chown(path, 4321, 8765)
     os.setxattr(path, "user.tag", b"v")
-    reader = store.open_reader(bytes(path))
+    reader = store.open_reader(at(path))
     w = WorkingCopy(store, reader, 1)
     w.write(1, b"y")
     commit(store, w, path)
@@ -116,7 +136,7 @@ def test_hard_links_rewritten_in_place(store: Store, tmp_path: Path):
     a.write_bytes(b"shared")
     os.link(a, b)
     ino = a.stat().st_ino
-    reader = store.open_reader(bytes(a))
+    reader = store.open_reader(at(a))
     w = WorkingCopy(store, reader, reader.size)
     w.write(0, b"SHARED, rewritten")
     commit(store, w, a)
@@ -163,7 +183,7 @@ def test_scratch_never_holds_plaintext(store: Store, tmp_path: Path):
     path = tmp_path / "f"
     marker = b"PLAINTEXT-MARKER-" * 300
     path.write_bytes(fmt.seal(KEY.material, bytes(200_000)))
-    reader = store.open_reader(bytes(path))
+    reader = store.open_reader(at(path))
     w = WorkingCopy(store, reader, reader.size)
     w.write(150_000, marker)  # streams: the gap is filled from the base
     w.write(10, marker)  # a write behind the streamed end goes to scratch blocks
@@ -196,8 +216,8 @@ def test_starting_instance_is_left_alone(tmp_path: Path):
 def test_stat_classifies_a_rewritten_file_afresh(store: Store, tmp_path: Path):
     path = tmp_path / "f"
     path.write_bytes(fmt.seal(KEY.material, b"x" * 100))
-    _, size, kind = store.stat(bytes(path))
+    _, size, kind = store.stat(at(path))
     assert (kind, size) == (fmt.Kind.ENCRYPTED, 100)
     path.write_bytes(b"plain text now, and long enough to be an envelope")
-    st2, size2, kind2 = store.stat(bytes(path))
+    st2, size2, kind2 = store.stat(at(path))
     assert kind2 is fmt.Kind.PLAINTEXT and size2 == st2.st_size
