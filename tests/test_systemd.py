@@ -279,6 +279,8 @@ def test_a_wrong_key_fails_with_the_mismatch_text_and_is_not_retried(box):
     key_file = box.host_path(KEY_FILE)
     right = key_file.read_bytes()
     assert box.run(["systemctl", "stop", UNIT], timeout=180).returncode == 0
+    # The starts of the tests before count towards the unit's start limit.
+    box.run(["systemctl", "reset-failed", UNIT])
     try:
         key_file.write_text(new_key() + "\n")
         mark = cursor(box)
@@ -407,6 +409,12 @@ def test_a_private_mount_namespace_is_refused_not_reported_as_running(box, optio
         assert f"stormfs: MOUNTPOINT {MOUNTPOINT} is not mounted as the system sees it" in log
         assert prop(box, "StatusText") != f"mounted {MOUNTPOINT}"
         assert system_mounts(box, MOUNTPOINT) == []
+        if option == "ProtectControlGroups":  # once is enough: the retries end
+            wait_until("the start limit", lambda: prop(box, "ActiveState") == "failed", 90)
+            assert "Start request repeated too quickly." in journal_since(box, mark)
+            restarts = prop(box, "NRestarts")
+            time.sleep(3 * 2 + 1)
+            assert (prop(box, "ActiveState"), prop(box, "NRestarts")) == ("failed", restarts)
     finally:
         box.run(["systemctl", "stop", UNIT], timeout=180)
         dropin.unlink(missing_ok=True)
