@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,14 +45,20 @@ MISMATCH = (
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def box() -> Iterator[Container]:
     try:
         base = container.rootfs()
     except CannotBoot as e:
         pytest.skip(f"cannot boot a systemd container here: {e}")
-    work = tmp_path_factory.mktemp("systemd")
-    container.build_wheels(REPO, work / "wheels")
-    c = Container(base, work, work / "wheels", f"stormfs-test-{os.getpid()}")
+    # Not under pytest's basetemp: another pytest run of root on this machine
+    # may clean up old basetemps, this one included, while it is in use.
+    work = Path(tempfile.mkdtemp(prefix="stormfs-test-systemd-", dir="/var/tmp"))
+    try:
+        container.build_wheels(REPO, work / "wheels")
+        c = Container(base, work, work / "wheels", f"stormfs-test-{os.getpid()}")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     try:
         try:
             state = c.wait_booted()
@@ -72,6 +80,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         yield c
     finally:
         c.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
