@@ -7,13 +7,17 @@ PY      := $(VENV)/bin/python
 STORMFS := $(VENV)/bin/stormfs
 # Debian packages: FUSE runtime and headers (pyfuse3 compiles against libfuse3),
 # the real programs the test suite drives on a mount, python3-venv for the
-# system-wide install of `make deploy`, and systemd for systemctl and
-# systemd-analyze (the unit is verified by the tests).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd e2fsprogs
+# system-wide install of `make deploy`, systemd for systemctl and
+# systemd-analyze (the unit is verified by the tests), and systemd-container
+# (systemd-nspawn) with debootstrap for `make test-systemd`, which boots a real
+# systemd in a container and deploys there; e2fsprogs for the ext4 images of the
+# inode-identity tests.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd
+APT_PACKAGES += systemd-container debootstrap e2fsprogs
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
-.PHONY: help install system-packages demo test stress lint format clean deploy bench bench-quick gocryptfs
+.PHONY: help install system-packages demo test test-systemd stress lint format clean deploy bench bench-quick gocryptfs
 .PHONY: encrypt-audit encrypt-files
 
 help: ## list the targets
@@ -48,6 +52,9 @@ encrypt-files: install ## SOURCE=DIR: encrypt every legacy file in place, with p
 
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q
+
+test-systemd: install ## deploy under systemd booted in a Debian 12 container: mount, restart, crash, keys, fstab
+	$(PY) -m pytest -q -m systemd tests/test_systemd.py
 
 stress: install ## long runs: 500 kill -9, fsx, fio, CPython's file tests on a mount, fuzzing
 	$(PY) -m pytest -q -s -m stress

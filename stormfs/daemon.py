@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import stat
 from collections.abc import Callable
@@ -20,6 +21,9 @@ from .keys import Keyring
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+# The mount table of PID 1's mount namespace: the system's, where applications are.
+SYSTEM_MOUNTINFO = "/proc/1/mountinfo"
 
 # Passed to the kernel as they are.
 FUSE_OPTIONS = frozenset(
@@ -152,37 +156,87 @@ def serve(
             pyfuse3.init(ops, mountpoint, fuse_opts)
         except RuntimeError as e:
             raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+        refused: list[str] = []
         try:
-            trio.run(_main, ops, mountpoint, opts, ready)
+            trio.run(_main, ops, mountpoint, opts, ready, refused)
         finally:
             pyfuse3.close(unmount=True)
             ops.close()
     finally:
         store.close()
+    if refused:
+        raise MountError(refused[0])
     log.info("unmounted %s", mountpoint)
 
 
 async def _main(
-    ops: Operations, mountpoint: str, opts: MountOptions, ready: Callable[[], None]
+    ops: Operations,
+    mountpoint: str,
+    opts: MountOptions,
+    ready: Callable[[], None],
+    refused: list[str],
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce, mountpoint, opts, ready)
+        nursery.start_soon(_announce, mountpoint, opts, ready, refused)
         await pyfuse3.main()
         await ops.drain()
         nursery.cancel_scope.cancel()
 
 
-async def _announce(mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
+async def _announce(
+    mountpoint: str, opts: MountOptions, ready: Callable[[], None], refused: list[str]
+) -> None:
     """The mount answers once a stat of its root comes back (served by this daemon).
+
+    Before a service manager hears "mounted", the system must see the mount:
+    in a mount namespace of its own (a unit's ProtectSystem=, PrivateTmp=, ...)
+    it would be running while programs write to the plain directory underneath.
+    Then the daemon unmounts and fails instead (`refused`).
 
     A stop may come first: the thread is then left behind instead of awaited, since
     its request is answered (ENOTCONN) only once the session closes after `main()`.
     """
     st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    if os.environ.get(notify.ENV_SOCKET):
+        seen = await trio.to_thread.run_sync(seen_by_system, mountpoint, st.st_dev)
+        if seen is None:
+            log.warning("cannot read %s to check that the system sees the mount", SYSTEM_MOUNTINFO)
+        elif not seen:
+            refused.append(
+                f"MOUNTPOINT {mountpoint} is not mounted as the system sees it: this daemon "
+                "runs in a mount namespace of its own, and programs would write to the plain "
+                "directory underneath, unencrypted. Run it without the options that give a "
+                "service its own mount namespace (ProtectSystem=, PrivateTmp=, "
+                "ProtectKernelModules=, ... see the unit stormfs@.service)."
+            )
+            pyfuse3.terminate()
+            return
     _set_readahead(st.st_dev, opts.readahead_kb)
     log.info("mounted %s", mountpoint)
     ready()
+
+
+def seen_by_system(mountpoint: str, dev: int, mountinfo: str = SYSTEM_MOUNTINFO) -> bool | None:
+    """Whether the mount table `mountinfo` (the system's) has the filesystem
+    `dev` mounted at `mountpoint`; None if the table cannot be read."""
+    device = f"{os.major(dev)}:{os.minor(dev)}".encode()
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    target = os.fsencode(mountpoint)
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4 and fields[2] == device and _unescape(fields[4]) == target:
+            return True
+    return False
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as \\ooo."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def _set_readahead(dev: int, kib: int) -> None:

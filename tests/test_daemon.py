@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from stormfs import fs, keys
-from stormfs.daemon import MountError, MountOptions
+from stormfs.daemon import MountError, MountOptions, seen_by_system
 
 from .conftest import Mount, force_unmount, is_mounted, stormfs_cmd, wait_for
 
@@ -269,3 +269,24 @@ def test_sigterm_right_after_mounting_stops_the_daemon(dirs, key):
         finally:
             m.stop()
         assert not is_mounted(mnt)
+
+
+def test_seen_by_system_finds_this_mount_in_the_system_mount_table(mounted):
+    """PID 1's table lists the mount, by its device and its path."""
+    dev = os.stat(mounted.mnt).st_dev
+    assert seen_by_system(str(mounted.mnt), dev) is True
+    assert seen_by_system(str(mounted.source), dev) is False
+    assert seen_by_system(str(mounted.mnt), os.stat(mounted.source).st_dev) is False
+
+
+def test_seen_by_system_reads_escaped_paths(tmp_path):
+    table = tmp_path / "mountinfo"
+    table.write_bytes(
+        b"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        b"342 306 0:59 / /srv/my\\040files\\134x rw shared:118 - fuse.stormfs /srv/s rw\n"
+    )
+    dev = os.makedev(0, 59)
+    assert seen_by_system("/srv/my files\\x", dev, str(table)) is True
+    assert seen_by_system("/srv/my files\\x", os.makedev(0, 60), str(table)) is False
+    assert seen_by_system("/srv/my\\040files\\134x", dev, str(table)) is False
+    assert seen_by_system("/srv/m", dev, str(tmp_path / "missing")) is None

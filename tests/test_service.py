@@ -216,6 +216,47 @@ def test_key_safety_refusal_is_not_retried(service):
     assert not is_mounted(service.d.mountpoint)
 
 
+def test_a_mount_the_system_cannot_see_is_refused(tmp_path):
+    """Started for a service manager in a mount namespace of its own (what a
+    unit's ProtectSystem= or PrivateTmp= does), the daemon fails instead of
+    reporting "mounted": programs outside would write to the plain directory."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    source, mnt = tmp_path / "source", tmp_path / "mnt"
+    source.mkdir()
+    mnt.mkdir()
+    notify_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(notify_path)
+        sock.setblocking(False)
+        proc = run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-m",
+                "stormfs",
+                "mount",
+                "--foreground",
+                str(source),
+                str(mnt),
+            ],
+            env={keys.ENV_KEY: new_key(), "NOTIFY_SOCKET": notify_path},
+            timeout=READY_TIMEOUT + STOP_TIMEOUT,
+        )
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)  # not a word to the service manager
+    assert proc.returncode == 4, proc.stderr
+    assert (
+        f"stormfs: MOUNTPOINT {mnt} is not mounted as the system sees it: this daemon "
+        "runs in a mount namespace of its own" in proc.stderr
+    )
+    assert not is_mounted(mnt)
+    assert os.listdir(mnt) == []
+
+
 # -- /etc/fstab: mount -t fuse.stormfs ---------------------------------------
 
 # mount(8) runs mount.fuse3, which runs `stormfs SOURCE MOUNTPOINT -o OPTS`
