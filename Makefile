@@ -51,7 +51,7 @@ test: install ## run the whole test suite (mounts real filesystems; root and /de
 
 stress: install ## long runs: 500 kill -9, fsx, fio, CPython's file tests on a mount, fuzzing
 	$(PY) -m pytest -q -s -m stress
-	$(PY) -m pytest -q tests/test_format.py --hypothesis-profile=stress
+	$(PY) -m pytest -q tests/test_format.py tests/test_format_v2.py --hypothesis-profile=stress
 
 deploy: install ## install system-wide and run SOURCE= MOUNTPOINT= NAME= [OPTIONS=] as stormfs@NAME, key from the environment
 	$(PY) tools/deploy.py --source "$(SOURCE)" --mountpoint "$(MOUNTPOINT)" --name "$(NAME)" --options "$(OPTIONS)"

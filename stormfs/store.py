@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import format as fmt
 from .content import LRU, EnvelopeReader, Identity, PlainReader, Reader, Verdicts
 from .keys import Key
-from .scan import header_kind, kind_of
+from .scan import V1, Layout, header_layout, layout_of
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
@@ -93,7 +93,7 @@ class Store:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
         self.key = key
         self.verdicts = Verdicts()
-        self._kinds: LRU = LRU(262144)
+        self._layouts: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
         self.state = state_dir(self.root)
         self._tmp_parent = state_dir(self.root, b"tmp")
@@ -154,19 +154,19 @@ class Store:
         """A path relative to SOURCE, for log lines."""
         return os.fsdecode(os.path.relpath(path, self.root))
 
-    def stat(self, path: bytes) -> tuple[os.stat_result, int, fmt.Kind | None]:
-        """lstat, plus the plaintext size and the mixed-mode class of a regular file
-        (`scan.kind_of`, cached by identity; None where the file cannot be opened)."""
+    def stat(self, path: bytes) -> tuple[os.stat_result, int, Layout | None]:
+        """lstat, plus the plaintext size and the format of a regular file
+        (`scan.layout_of`, cached by identity; None where the file cannot be opened)."""
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             return st, st.st_size, None
         try:
-            st, kind = kind_of(path, st, self._kinds)
+            st, layout = layout_of(path, st, self._layouts)
         except PermissionError:
             return st, st.st_size, None
-        if kind is None:
+        if layout is None:
             return st, st.st_size, None
-        return st, fmt.plaintext_size(st.st_size, kind), kind
+        return st, layout.plaintext_size(st.st_size), layout
 
     def key_id_of(self, path: bytes) -> str | None:
         return recorded_key_id(path)
@@ -183,9 +183,9 @@ class Store:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _replaced(path)
-            kind = header_kind(fd, st)
-            self._kinds.put(Identity.of(st), kind)
-            if kind is fmt.Kind.PLAINTEXT:
+            layout = header_layout(fd, st)
+            self._layouts.put(Identity.of(st), layout)
+            if layout.kind is fmt.Kind.PLAINTEXT:
                 return PlainReader(fd, st.st_size)
             if self.key is None:
                 return NoKeyReader(fd, st, self.rel(path))
@@ -268,7 +268,7 @@ class Store:
         st = os.fstat(fd)
         if nonce is None or self.key is None:
             return PlainReader(fd, st.st_size)
-        self._kinds.put(Identity.of(st), fmt.Kind.ENCRYPTED)
+        self._layouts.put(Identity.of(st), V1)
         return EnvelopeReader(
             fd, self.key.material, self.verdicts, self.rel(path), nonce=nonce, st=st
         )
