@@ -94,13 +94,16 @@ def ondisk_size(plain_size: int, chunk_size: int) -> int:
     return HEADER_SIZE + plain_size + count * CHUNK_OVERHEAD
 
 
-def plaintext_size(disk_size: int, chunk_size: int) -> int:
+def plaintext_size(disk_size: int, chunk_size: int | None) -> int:
     """The plaintext size of a v2 file of `disk_size` bytes on disk.
 
     Total, never negative: for a size no v2 file has (cut or extended inside a
     chunk; see `size_is_valid`) it is what the complete chunks and the partial
-    one would hold.
+    one would hold; for a header that names no valid chunk size (None), the
+    size less the overhead of an empty file.  Such files fail every read.
     """
+    if chunk_size is None:
+        return max(0, disk_size - EMPTY_FILE_SIZE)
     full, rest = divmod(max(0, disk_size - HEADER_SIZE), slot_size(chunk_size))
     return full * chunk_size + max(0, rest - CHUNK_OVERHEAD)
 

@@ -148,8 +148,6 @@ class Layout(NamedTuple):
 
     def plaintext_size(self, disk_size: int) -> int:
         if self.version == 2:
-            if self.chunk_size is None:  # a damaged header: a size all the same
-                return max(0, disk_size - v2.EMPTY_FILE_SIZE)
             return v2.plaintext_size(disk_size, self.chunk_size)
         return fmt.plaintext_size(disk_size, self.kind)
 

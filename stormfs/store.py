@@ -26,7 +26,16 @@ import time
 from dataclasses import dataclass
 
 from . import format as fmt
-from .content import LRU, EnvelopeReader, Identity, PlainReader, Reader, Verdicts
+from .content import (
+    LRU,
+    EnvelopeReader,
+    Identity,
+    PlainReader,
+    Reader,
+    Reported,
+    V2Reader,
+    Verdicts,
+)
 from .keys import Key
 from .scan import V1, Layout, header_layout, layout_of
 from .source import (
@@ -75,9 +84,9 @@ class TempFile:
 class NoKeyReader:
     """An envelope met while running without a key: it cannot be served."""
 
-    def __init__(self, fd: int, st: os.stat_result, name: str) -> None:
+    def __init__(self, fd: int, size: int, name: str) -> None:
         self.fd = fd
-        self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
+        self.size = size
         self.name = name
 
     def read(self, offset: int, n: int) -> bytes:
@@ -93,6 +102,7 @@ class Store:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
         self.key = key
         self.verdicts = Verdicts()
+        self.reported = Reported()
         self._layouts: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
         self.state = state_dir(self.root)
@@ -188,7 +198,11 @@ class Store:
             if layout.kind is fmt.Kind.PLAINTEXT:
                 return PlainReader(fd, st.st_size)
             if self.key is None:
-                return NoKeyReader(fd, st, self.rel(path))
+                return NoKeyReader(fd, layout.plaintext_size(st.st_size), self.rel(path))
+            if layout.version == 2:
+                return V2Reader(
+                    fd, self.key.material, self.reported, self.rel(path), layout.chunk_size, st=st
+                )
             return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(path), st=st)
         except BaseException:
             os.close(fd)
