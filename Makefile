@@ -58,7 +58,7 @@ test-systemd: install ## deploy under systemd booted in a Debian 12 container: m
 
 stress: install ## long runs: 500 kill -9, fsx, fio, CPython's file tests on a mount, fuzzing
 	$(PY) -m pytest -q -s -m stress
-	$(PY) -m pytest -q tests/test_format.py --hypothesis-profile=stress
+	$(PY) -m pytest -q tests/test_format.py tests/test_format_v2.py --hypothesis-profile=stress
 
 deploy: install ## install system-wide and run SOURCE= MOUNTPOINT= NAME= [OPTIONS=] as stormfs@NAME, key from the environment
 	$(PY) tools/deploy.py --source "$(SOURCE)" --mountpoint "$(MOUNTPOINT)" --name "$(NAME)" --options "$(OPTIONS)"

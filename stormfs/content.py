@@ -1,9 +1,10 @@
 """Plaintext readers over one committed backing file (blocking; run off the trio thread).
 
 A reader serves plaintext byte ranges: a legacy file as-is; a v1 envelope only
-after its tag has been verified once, then any range by AES-CTR.  Verdicts are
-remembered per backing-file identity, so reopening an unchanged file does not
-read it again.
+after its tag has been verified once, then any range by AES-CTR; a v2 file
+chunk by chunk, each read verifying only the chunks it covers.  v1 verdicts
+are remembered per backing-file identity, so reopening an unchanged file does
+not read it again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from . import format as fmt
+from . import format_v2 as v2
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,109 @@ class EnvelopeReader:
             if len(ct) == want and Identity.of(os.fstat(self.fd)) == self.ident:
                 return fmt.decrypt_range(self.key, nonce, offset, ct)
             self.refresh()
+        raise OSError(errno.EIO, "backing file keeps changing while read")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Reported:
+    """Backing-file versions (identities) already named in a DECRYPTION_FAILED line."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self._seen: LRU = LRU(capacity)
+
+    def first(self, ident: Identity) -> bool:
+        """True the first time `ident` is reported, False after."""
+        if ident in self._seen:
+            return False
+        self._seen.put(ident, True)
+        return True
+
+
+class V2Reader:
+    """A v2 file: a read verifies and decrypts only the chunks it covers.
+
+    The header is verified at the first read of each version of the file; a
+    chunk that does not authenticate fails the reads that cover it (other
+    chunks stay readable), and the file is named in the log once per version.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        key: bytes,
+        reported: Reported,
+        name: str,
+        chunk_size: int | None,
+        *,
+        st: os.stat_result | None = None,
+    ) -> None:
+        self.fd = fd
+        self.key = key
+        self.reported = reported
+        self.name = name
+        self.chunk_size = chunk_size  # as the header says; trusted once it verified
+        self._take(st or os.fstat(fd))
+
+    def _take(self, st: os.stat_result) -> None:
+        self.ident = Identity.of(st)
+        self.size = v2.plaintext_size(st.st_size, self.chunk_size)
+        self._cipher: v2.FileCipher | None = None
+
+    def _changed(self) -> bool:
+        """Whether the backing file moved on since `ident`; if so, take it as it is now."""
+        st = os.fstat(self.fd)
+        if Identity.of(st) == self.ident:
+            return False
+        self._take(st)
+        return True
+
+    def _file_cipher(self) -> v2.FileCipher:
+        if self._cipher is None:
+            cipher = v2.open_header(self.key, os.pread(self.fd, v2.HEADER_SIZE, 0))
+            if not v2.size_is_valid(self.ident.size, cipher.chunk_size):
+                raise fmt.DecryptionFailed("no v2 file has this size")
+            self.chunk_size = cipher.chunk_size
+            self.size = v2.plaintext_size(self.ident.size, cipher.chunk_size)
+            self._cipher = cipher
+        return self._cipher
+
+    def _read_chunks(self, offset: int, n: int) -> bytes:
+        cipher = self._file_cipher()
+        size = cipher.chunk_size
+        last = v2.chunk_count(self.size, size) - 1
+        chunks = v2.chunks_covering(offset, n, size)
+        start = v2.chunk_offset(chunks.start, size)
+        end = min(self.ident.size, v2.chunk_offset(chunks.stop, size))
+        raw = memoryview(os.pread(self.fd, end - start, start))
+        if len(raw) != end - start:
+            raise fmt.DecryptionFailed("shorter than its size")
+        slot = v2.slot_size(size)
+        plain = b"".join(
+            cipher.open_chunk(i, raw[k * slot : (k + 1) * slot], i == last)
+            for k, i in enumerate(chunks)
+        )
+        skip = offset - chunks.start * size
+        return plain[skip : skip + n]
+
+    def read(self, offset: int, n: int) -> bytes:
+        # A file that changed while it was read is read again as it is now; only
+        # a failure of the file as it stands is damage.
+        for _ in range(3):
+            want = max(0, min(n, self.size - offset))
+            if want == 0:
+                return b""
+            try:
+                data = self._read_chunks(offset, want)
+            except fmt.DecryptionFailed:
+                if self._changed():
+                    continue
+                if self.reported.first(self.ident):
+                    log.error("DECRYPTION_FAILED: %s", self.name)
+                raise fmt.DecryptionFailed(self.name) from None
+            if not self._changed():
+                return data
         raise OSError(errno.EIO, "backing file keeps changing while read")
 
     def close(self) -> None:

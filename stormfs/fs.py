@@ -47,6 +47,7 @@ USER_XATTRS = "user."
 
 XATTR_METHOD = "user.stormfs.encryption_method"
 XATTR_SIZE = "user.stormfs.encrypted_size"
+XATTR_FORMAT = "user.stormfs.format"
 
 
 def _boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -763,14 +764,15 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(node.mode):
             return {}
         at = self._at(node)
-        st, _, kind = self.store.stat(at)
-        if kind is not fmt.Kind.ENCRYPTED:
+        st, _, layout = self.store.stat(at)
+        if layout is None or layout.kind is not fmt.Kind.ENCRYPTED:
             return {XATTR_METHOD: b"none"}
         key_id = self.store.key_id_of(at) or (self.store.key.key_id if self.store.key else "")
         return {
             XATTR_METHOD: b"server",
             XATTR_SIZE: str(st.st_size).encode(),
             KEY_ID_XATTR: key_id.encode(),
+            XATTR_FORMAT: layout.name.encode(),
         }
 
     @_boundary

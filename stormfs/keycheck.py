@@ -198,8 +198,8 @@ def key_prefix(key: Key) -> str:
 
 
 def find_envelopes(source: str, *, limit: int, max_entries: int = WALK_LIMIT) -> list[str]:
-    """Paths of up to `limit` files in SOURCE that look like v1 envelopes
-    (first byte 0x01, at least 29 bytes), smallest first.
+    """Paths of up to `limit` files in SOURCE that look like envelopes (v1: first
+    byte 0x01, at least 29 bytes; v2: its signature), smallest first.
 
     A breadth-first walk (`scan.walk`) of at most `max_entries` entries;
     unreadable places are passed over.

@@ -1,9 +1,10 @@
 """Classification and scanning: the one classifier of a backing file and the one walker of SOURCE.
 
 Used by the mount (`store`), `audit`, `encrypt` and the key checks.  A file's
-format is told by its header (`kind_of`, `header_kind`: legacy plaintext or a
-v1 envelope, where a later version byte slots in); `classify_path` also says
-whether an envelope authenticates and which key of the keyring opens it
+format is told by its first bytes (`layout_from`, and over files `layout_of`,
+`header_layout`, `kind_of`, `header_kind`): legacy plaintext, a v1 envelope or
+a v2 chunked file (docs/FORMAT.md, "Classification"); `classify_path` also
+says whether an envelope authenticates and which key of the keyring opens it
 (`opening_key`, the one loop over the keys).
 
 Blocking code.  Nothing here writes: files are opened read-only with
@@ -21,9 +22,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from . import format as fmt
+from . import format_v2 as v2
 from .content import LRU, Identity, pread_stream
 from .keys import Key, Keyring
 from .source import is_hidden, open_readonly, recorded_key_id
@@ -130,38 +132,95 @@ def walk(
         pending.extend(subdirs if breadth_first else reversed(subdirs))
 
 
+class Layout(NamedTuple):
+    """A file's format as its first bytes tell it (nothing authenticated yet)."""
+
+    version: int  # 0: legacy plaintext; 1 or 2: that envelope
+    chunk_size: int | None = None  # v2: the chunk size its header names, if a valid one
+
+    @property
+    def kind(self) -> fmt.Kind:
+        return fmt.Kind.PLAINTEXT if self.version == 0 else fmt.Kind.ENCRYPTED
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}" if self.version else "legacy"
+
+    def plaintext_size(self, disk_size: int) -> int:
+        if self.version == 2:
+            return v2.plaintext_size(disk_size, self.chunk_size)
+        return fmt.plaintext_size(disk_size, self.kind)
+
+
+LEGACY = Layout(0)
+V1 = Layout(1)
+# What classification reads of a file: enough for v1's version byte and v2's
+# signature and chunk size.  Shorter files are legacy, as Storm Cloud's rule has it.
+PREFIX_SIZE = v2.PREFIX_SIZE
+SHORTEST_ENVELOPE = fmt.OVERHEAD
+
+
+def layout_from(disk_size: int, prefix: bytes) -> Layout:
+    """The format of a file of `disk_size` bytes whose first bytes are `prefix`
+    (at least `PREFIX_SIZE` of them where the file has that many).
+
+    v2 is told by its 8-byte signature, so a legacy file that merely starts
+    with 0x02 stays legacy; otherwise Storm Cloud's mixed-mode rule.
+    """
+    if disk_size < SHORTEST_ENVELOPE:
+        return LEGACY
+    if v2.is_v2(prefix):
+        return Layout(2, v2.chunk_size_of(prefix))
+    return V1 if fmt.classify(disk_size, prefix[:1]) is fmt.Kind.ENCRYPTED else LEGACY
+
+
+def header_layout(fd: int, st: os.stat_result) -> Layout:
+    """The format of the open regular file `fd` (`st` its fstat), by its first bytes."""
+    if st.st_size < SHORTEST_ENVELOPE:
+        return LEGACY
+    return layout_from(st.st_size, os.pread(fd, PREFIX_SIZE, 0))
+
+
 def header_kind(fd: int, st: os.stat_result) -> fmt.Kind:
-    """The format of the open regular file `fd` (`st` its fstat), by its header."""
-    return fmt.classify(st.st_size, os.pread(fd, 1, 0) if st.st_size >= fmt.OVERHEAD else b"")
+    """Whether the open regular file `fd` is legacy plaintext or an envelope (v1 or v2)."""
+    return header_layout(fd, st).kind
 
 
-def kind_of(
+def layout_of(
     path: bytes, st: os.stat_result, cache: LRU | None = None, *, dir_fd: int | None = None
-) -> tuple[os.stat_result, fmt.Kind | None]:
+) -> tuple[os.stat_result, Layout | None]:
     """The format of the regular file at `path` (relative to `dir_fd` if given) whose
     lstat is `st`, and the stat that describes it (None: no longer a regular file).
 
     A file too short for an envelope is legacy without being opened.  Another
-    is looked up in `cache` (identity -> kind), else opened and described by
+    is looked up in `cache` (identity -> layout), else opened and described by
     the fstat of the descriptor read, so a file replaced since the lstat is
     never described by the other one's class.  OSError from the open propagates.
     """
-    if st.st_size < fmt.OVERHEAD:
-        return st, fmt.Kind.PLAINTEXT
-    kind = cache.get(Identity.of(st)) if cache is not None else None
-    if kind is not None:
-        return st, kind
+    if st.st_size < SHORTEST_ENVELOPE:
+        return st, LEGACY
+    layout = cache.get(Identity.of(st)) if cache is not None else None
+    if layout is not None:
+        return st, layout
     fd = open_readonly(path, dir_fd=dir_fd)
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
             return opened, None
-        kind = header_kind(fd, opened)
+        layout = header_layout(fd, opened)
     finally:
         os.close(fd)
     if cache is not None:
-        cache.put(Identity.of(opened), kind)
-    return opened, kind
+        cache.put(Identity.of(opened), layout)
+    return opened, layout
+
+
+def kind_of(
+    path: bytes, st: os.stat_result, cache: LRU | None = None
+) -> tuple[os.stat_result, fmt.Kind | None]:
+    """`layout_of`, told as legacy plaintext or envelope."""
+    st, layout = layout_of(path, st, cache)
+    return st, None if layout is None else layout.kind
 
 
 def opening_key(
@@ -196,13 +255,14 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return Verdict(Status.UNREADABLE, "no longer a regular file")
-            if header_kind(fd, st) is fmt.Kind.PLAINTEXT:
+            layout = header_layout(fd, st)
+            if layout is LEGACY:
                 return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
             if quick:
-                return Verdict(Status.ENCRYPTED, "envelope header (tag not verified)")
+                return Verdict(Status.ENCRYPTED, f"{layout.name} header (not verified)")
             if keyring is None:
                 return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
-            verdict = _authenticate(fd, st, keyring)
+            verdict = _authenticate(fd, st, keyring, layout)
             if Identity.of(os.fstat(fd)) == Identity.of(st):
                 return verdict
             last = "kept changing during the scan"
@@ -213,18 +273,27 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
     return Verdict(Status.UNREADABLE, last)
 
 
-def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
+def _authenticate(fd: int, st: os.stat_result, keyring: Keyring, layout: Layout) -> Verdict:
+    """Every byte of the envelope checked; a v2 file's header alone turns a wrong key away."""
+
     def opens(material: bytes) -> None:
-        fmt.verify_stream(material, pread_stream(fd), st.st_size)
+        if layout.version == 2:
+            v2.verify_stream(material, pread_stream(fd), st.st_size)
+        else:
+            fmt.verify_stream(material, pread_stream(fd), st.st_size)
 
     key = opening_key(keyring, recorded_key_id(fd), opens)
     if key is not None:
-        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}", key)
-    return Verdict(
-        Status.DECRYPTION_FAILED,
-        "DECRYPTION_FAILED: envelope does not authenticate under the key "
-        "(wrong key, damaged or truncated, or plaintext starting with 0x01)",
-    )
+        prefix = "v2 file " if layout.version == 2 else ""
+        return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under key id {key.key_id}", key)
+    if layout.version == 2:
+        why = "v2 file does not authenticate under the key (wrong key, damaged, cut or extended)"
+    else:
+        why = (
+            "envelope does not authenticate under the key "
+            "(wrong key, damaged or truncated, or plaintext starting with 0x01)"
+        )
+    return Verdict(Status.DECRYPTION_FAILED, f"DECRYPTION_FAILED: {why}")
 
 
 def bounded_map(

@@ -26,9 +26,18 @@ import time
 from dataclasses import dataclass
 
 from . import format as fmt
-from .content import LRU, EnvelopeReader, Identity, PlainReader, Reader, Verdicts
+from .content import (
+    LRU,
+    EnvelopeReader,
+    Identity,
+    PlainReader,
+    Reader,
+    Reported,
+    V2Reader,
+    Verdicts,
+)
 from .keys import Key
-from .scan import header_kind, kind_of
+from .scan import V1, Layout, header_layout, layout_of
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
@@ -76,9 +85,9 @@ class TempFile:
 class NoKeyReader:
     """An envelope met while running without a key: it cannot be served."""
 
-    def __init__(self, fd: int, st: os.stat_result, name: str) -> None:
+    def __init__(self, fd: int, size: int, name: str) -> None:
         self.fd = fd
-        self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
+        self.size = size
         self.name = name
 
     def read(self, offset: int, n: int) -> bytes:
@@ -94,7 +103,8 @@ class Store:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
         self.key = key
         self.verdicts = Verdicts()
-        self._kinds: LRU = LRU(262144)
+        self.reported = Reported()
+        self._layouts: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
         self.state = state_dir(self.root)
         self._tmp_parent = state_dir(self.root, b"tmp")
@@ -164,19 +174,19 @@ class Store:
             return os.fsdecode(at.name if isinstance(at, At) else at)
         return os.fsdecode(os.path.relpath(path, self.root))
 
-    def stat(self, at: At) -> tuple[os.stat_result, int, fmt.Kind | None]:
-        """lstat, plus the plaintext size and the mixed-mode class of a regular file
-        (`scan.kind_of`, cached by identity; None where the file cannot be opened)."""
+    def stat(self, at: At) -> tuple[os.stat_result, int, Layout | None]:
+        """lstat, plus the plaintext size and the format of a regular file
+        (`scan.layout_of`, cached by identity; None where the file cannot be opened)."""
         st = at.lstat()
         if not stat.S_ISREG(st.st_mode):
             return st, st.st_size, None
         try:
-            st, kind = kind_of(at.name, st, self._kinds, dir_fd=at.dir_fd)
+            st, layout = layout_of(at.name, st, self._layouts, dir_fd=at.dir_fd)
         except PermissionError:
             return st, st.st_size, None
-        if kind is None:
+        if layout is None:
             return st, st.st_size, None
-        return st, fmt.plaintext_size(st.st_size, kind), kind
+        return st, layout.plaintext_size(st.st_size), layout
 
     def key_id_of(self, at: At) -> str | None:
         return recorded_key_id(at.proc)
@@ -193,12 +203,16 @@ class Store:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _replaced(at.name)
-            kind = header_kind(fd, st)
-            self._kinds.put(Identity.of(st), kind)
-            if kind is fmt.Kind.PLAINTEXT:
+            layout = header_layout(fd, st)
+            self._layouts.put(Identity.of(st), layout)
+            if layout.kind is fmt.Kind.PLAINTEXT:
                 return PlainReader(fd, st.st_size)
             if self.key is None:
-                return NoKeyReader(fd, st, self.rel(at))
+                return NoKeyReader(fd, layout.plaintext_size(st.st_size), self.rel(at))
+            if layout.version == 2:
+                return V2Reader(
+                    fd, self.key.material, self.reported, self.rel(at), layout.chunk_size, st=st
+                )
             return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(at), st=st)
         except BaseException:
             os.close(fd)
@@ -277,7 +291,7 @@ class Store:
         st = os.fstat(fd)
         if nonce is None or self.key is None:
             return PlainReader(fd, st.st_size)
-        self._kinds.put(Identity.of(st), fmt.Kind.ENCRYPTED)
+        self._layouts.put(Identity.of(st), V1)
         return EnvelopeReader(
             fd, self.key.material, self.verdicts, self.rel(at), nonce=nonce, st=st
         )

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs import keys
 from stormfs.exitcodes import ISSUES_FOUND, OK, USAGE, WORK_TO_DO
-from stormfs.scan import Status, classify_path
+from stormfs.scan import LEGACY, V1, Layout, Status, classify_path, layout_from
 
 from .trees import make_mixed, run_json, snapshot, stormfs, write
 
@@ -170,3 +171,79 @@ def test_verdict_names_the_key_that_opens_the_file(tmp_path: Path, key: str):
     other = write(tmp_path / "foreign", fmt.seal(keys.parse_key(keys.generate_key()), b"x"))
     verdict = classify_path(os.fsencode(other), ring, quick=False)
     assert (verdict.status, verdict.key) == (Status.DECRYPTION_FAILED, None)
+
+
+# ---- v2 files: the same classes, told by their signature --------------------------------
+
+
+def _v2_files(root: Path, raw: bytes) -> dict[str, str]:
+    """v2 files of every class, and legacy files that merely look a little like them."""
+    good = v2.seal(raw, os.urandom(3 * 4096 + 5), chunk_size=4096)
+    damaged = bytearray(good)
+    damaged[v2.chunk_offset(2, 4096) + 20] ^= 1
+    truncated = good[: v2.chunk_offset(3, 4096)]
+    files = {
+        "v2/good": (good, "encrypted"),
+        "v2/empty": (v2.seal(raw, b""), "encrypted"),
+        "v2/damaged-chunk": (bytes(damaged), "decryption_failed"),
+        "v2/cut-at-boundary": (truncated, "decryption_failed"),
+        "v2/damaged-header": (good[:30] + bytes([good[30] ^ 1]) + good[31:], "decryption_failed"),
+        "v2/other-key": (v2.seal(bytes(32), b"not ours"), "decryption_failed"),
+        "v2/signature-only": (b"\x02stormfs" + bytes(100), "decryption_failed"),
+        "legacy/starts-0x02": (
+            b"\x02" + b"legacy bytes that start with two" * 3,
+            "needs_encryption",
+        ),
+        "legacy/short-signature": (b"\x02stormfs and less than 29", "needs_encryption"),
+    }
+    for rel, (data, _) in files.items():
+        write(root / rel, data)
+    return {rel: status for rel, (_, status) in files.items()}
+
+
+def test_v2_files_are_classified_by_signature_then_authenticated(tmp_path: Path, key: str):
+    raw = keys.parse_key(key)
+    expected = _v2_files(tmp_path, raw)
+    ring = keys.Keyring(keys.Key("1", raw))
+    for rel, status in expected.items():
+        verdict = classify_path(os.fsencode(tmp_path / rel), ring, quick=False)
+        assert verdict.status.value == status, (rel, verdict)
+        if status == "decryption_failed":
+            assert verdict.detail.startswith("DECRYPTION_FAILED: v2 file")
+    quick = classify_path(os.fsencode(tmp_path / "v2/damaged-chunk"), ring, quick=True)
+    assert (quick.status, quick.detail) == (Status.ENCRYPTED, "v2 header (not verified)")
+
+
+def test_v2_verdict_names_the_key_that_opens_the_file(tmp_path: Path, key: str):
+    old = keys.Key("old", keys.parse_key(keys.generate_key()))
+    ring = keys.Keyring(keys.Key("new", keys.parse_key(key)), (old,))
+    path = write(tmp_path / "sealed-by-old", v2.seal(old.material, b"before rotation"))
+    verdict = classify_path(os.fsencode(path), ring, quick=False)
+    assert (verdict.status, verdict.key) == (Status.ENCRYPTED, old)
+    assert verdict.detail == "v2 file authenticated under key id old"
+
+
+def test_audit_counts_v2_files_and_lists_the_damaged_ones(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    expected = _v2_files(src, keys.parse_key(key))
+    before = snapshot(src)
+    rc, report = run_json("audit", str(src), key=key)
+    assert rc == ISSUES_FOUND
+    assert report["encrypted"] == 2
+    listed = {f["path"]: f["status"] for f in report["files"]}
+    assert listed == {rel: s for rel, s in expected.items() if s != "encrypted"}
+    assert snapshot(src) == before
+
+
+def test_layout_from_follows_the_rule_of_format_md():
+    env = v2.seal(bytes(32), b"x")
+    assert layout_from(len(env), env[:12]) == Layout(2, v2.CHUNK_SIZE)
+    assert layout_from(100, b"\x02stormfs\x00\x00\x00\x07") == Layout(2, None)
+    assert layout_from(28, b"\x02stormfs\x00\x00\x40\x00") is LEGACY  # too short, as in v1
+    assert layout_from(100, b"\x02stormfx\x00\x00\x40\x00") is LEGACY
+    assert layout_from(29, b"\x01" * 12) is V1
+    assert layout_from(1000, b"plain text..") is LEGACY
+    assert Layout(2, None).plaintext_size(1000) == 1000 - 88
+    assert Layout(2, 4096).plaintext_size(v2.ondisk_size(5000, 4096)) == 5000
+    assert V1.plaintext_size(129) == 100 and LEGACY.plaintext_size(129) == 129
+    assert (LEGACY.name, V1.name, Layout(2, 4096).name) == ("legacy", "v1", "v2")

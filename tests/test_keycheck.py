@@ -14,6 +14,7 @@ import pytest
 
 from stormfs import cli, keycheck, keys
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs.exitcodes import KEY_SAFETY, OK
 
 from .keyscan import STORMFS, forms, new_key, run
@@ -246,6 +247,19 @@ def test_only_damaged_envelopes_are_a_mismatch(tmp_path):
     flipped[-1] ^= 1
     put(tmp_path / "damaged.bin", bytes(flipped))
     assert refused(tmp_path, ring(key)).message == MISMATCH_TEXT
+
+
+def test_v2_files_are_sampled_like_v1_envelopes(tmp_path):
+    """A SOURCE holding only v2 files: the right key is recognised from them, another
+    key is a mismatch, no key cannot disable encryption."""
+    key = new_key()
+    put(tmp_path / "db.sqlite", v2.seal(keys.parse_key(key), os.urandom(70000)))
+    put(tmp_path / "legacy.bin", b"\x02" + os.urandom(500))  # legacy, starts with 0x02
+    before = snapshot(tmp_path)
+    assert refused(tmp_path, ring(new_key())).message == MISMATCH_TEXT
+    assert refused(tmp_path, None).message == NO_KEY_TEXT
+    assert snapshot(tmp_path) == before
+    assert preflight(tmp_path, ring(key))[0] is keycheck.Mode.ENCRYPTED
 
 
 # -- no key, nothing encrypted ----------------------------------------------

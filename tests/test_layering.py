@@ -59,7 +59,7 @@ def top_level(names: set[str]) -> set[str]:
 
 
 def test_the_engines_are_all_there():
-    for module in (*ENGINES, "format", "fs", "cli"):
+    for module in (*ENGINES, "format", "format_v2", "fs", "cli"):
         assert (PACKAGE / f"{module}.py").exists(), module
 
 
@@ -73,6 +73,12 @@ def test_imports_are_followed_through_the_package():
 
 def test_format_imports_nothing_of_stormfs():
     assert not top_level(set(direct_imports("format"))) & {"stormfs"}
+
+
+def test_format_v2_imports_only_format_of_stormfs():
+    """Pure functions over bytes: v1's shared constants and error, nothing with OS state."""
+    assert {n for n in imports("format_v2") if n.startswith("stormfs")} == {"stormfs.format"}
+    assert not top_level(imports("format_v2")) & {"pyfuse3", "trio", "socket", "subprocess"}
 
 
 def test_fs_operations_parse_no_arguments():

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs.keys import Key
+from stormfs.scan import LEGACY, V1, Layout
 from stormfs.source import At
 from stormfs.store import Store
 from stormfs.working import BLOCK, WorkingCopy
@@ -216,8 +218,11 @@ def test_starting_instance_is_left_alone(tmp_path: Path):
 def test_stat_classifies_a_rewritten_file_afresh(store: Store, tmp_path: Path):
     path = tmp_path / "f"
     path.write_bytes(fmt.seal(KEY.material, b"x" * 100))
-    _, size, kind = store.stat(at(path))
-    assert (kind, size) == (fmt.Kind.ENCRYPTED, 100)
+    _, size, layout = store.stat(at(path))
+    assert (layout, size) == (V1, 100)
     path.write_bytes(b"plain text now, and long enough to be an envelope")
-    st2, size2, kind2 = store.stat(at(path))
-    assert kind2 is fmt.Kind.PLAINTEXT and size2 == st2.st_size
+    st2, size2, layout2 = store.stat(at(path))
+    assert layout2 is LEGACY and size2 == st2.st_size
+    path.write_bytes(v2.seal(KEY.material, b"y" * 100_000))
+    _, size3, layout3 = store.stat(at(path))
+    assert (layout3, size3) == (Layout(2, v2.CHUNK_SIZE), 100_000)
