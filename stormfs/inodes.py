@@ -36,10 +36,8 @@ import stat
 from dataclasses import dataclass, field
 
 import pyfuse3
-import trio
 
-from .content import Identity, Reader
-from .working import WorkingCopy
+from .openfiles import OpenFile
 
 BackingKey = tuple[int, int]
 Link = tuple[int, bytes]
@@ -52,15 +50,9 @@ class Node:
     mode: int
     links: dict[Link, None] = field(default_factory=dict)  # an ordered set
     lookups: int = 0
-    opens: int = 0
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    reader: Reader | None = None
-    working: WorkingCopy | None = None
-    # atime/mtime an application set while writes were pending; applied at commit.
-    times: tuple[int, int] | None = None
-    mtime_ns: int = 0  # of the last write while dirty
-    # Backing identity when the kernel's page cache was last known to match it.
-    cached: Identity | None = None
+    # Its state in the open-file table (kept with the node: the page-cache identity
+    # outlives an open).
+    file: OpenFile = field(default_factory=OpenFile)
     # The backing file a lookup found under this node's name since its last open: the
     # open that follows is served that version even if the name has moved on since.
     handed_out: BackingKey | None = None
@@ -74,11 +66,12 @@ class Node:
     @property
     def pinned(self) -> bool:
         """An open descriptor holds the backing object, so its number cannot be reused."""
-        return self.reader is not None or self.fd is not None
+        return self.file.reader is not None or self.fd is not None
 
     @property
     def busy(self) -> bool:
-        return self.lookups > 0 or self.opens > 0 or self.working is not None
+        f = self.file
+        return self.lookups > 0 or f.opens > 0 or f.working is not None
 
 
 class InodeTable:
@@ -147,7 +140,7 @@ class InodeTable:
         if previous is not node:
             if previous is not None:
                 del self._by_link[link]
-                if previous.opens > 0 or previous.working is not None:
+                if previous.file.opens > 0 or previous.file.working is not None:
                     self._shadows.setdefault(link, set()).add(previous)
                 else:
                     previous.links.pop(link, None)

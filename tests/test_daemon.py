@@ -17,6 +17,7 @@ import trio
 
 from stormfs import fs, keys
 from stormfs.daemon import MountError, MountOptions, seen_by_system
+from stormfs.ops.base import boundary
 
 from .conftest import Mount, force_unmount, is_mounted, stormfs_cmd, wait_for
 
@@ -197,11 +198,11 @@ def test_unexpected_exception_answers_eio_and_is_logged(caplog):
         def __init__(self) -> None:
             pass
 
-        @fs._boundary
+        @boundary
         async def getattr(self, inode, ctx):
             raise RuntimeError("bug")
 
-        @fs._boundary
+        @boundary
         async def lookup(self, parent_inode, name, ctx):
             raise OSError(errno.ENAMETOOLONG, "long")
 

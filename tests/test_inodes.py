@@ -254,8 +254,8 @@ class Harness:
         if node.inode not in self.readers:
             self.fs.pin(obj)
             self.readers[node.inode] = obj
-            node.reader = object()  # type: ignore[assignment]
-        node.opens += 1
+            node.file.reader = object()  # type: ignore[assignment]
+        node.file.opens += 1
         self.handles.append(node)
 
     def open(self) -> None:
@@ -295,9 +295,9 @@ class Harness:
         if not self.handles:
             return
         node = self.handles.pop(self.rng.randrange(len(self.handles)))
-        node.opens -= 1
-        if node.opens == 0:
-            node.reader = None
+        node.file.opens -= 1
+        if node.file.opens == 0:
+            node.file.reader = None
             self.fs.unpin(self.readers.pop(node.inode))
         self.table.settle(node)
 

@@ -18,8 +18,13 @@ ENGINES = ("audit", "encrypt", "pipeline", "plan", "swap", "journal", "scan", "k
 CLI_ONLY = {"argparse", "tqdm", "stormfs.cli", "stormfs.progress"}
 
 
+def _file(module: str) -> Path:
+    """``stormfs/<module>.py``, where `module` may name a subpackage's module ("ops.base")."""
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+
+
 def _tree(module: str) -> ast.Module:
-    return ast.parse((PACKAGE / f"{module}.py").read_text(), filename=f"{module}.py")
+    return ast.parse(_file(module).read_text(), filename=str(_file(module)))
 
 
 @cache
@@ -30,12 +35,13 @@ def direct_imports(module: str) -> frozenset[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = "stormfs" if node.level else ""
+            package = ["stormfs", *module.split(".")[:-1]]
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
             if node.module:
                 base = f"{base}.{node.module}" if base else node.module
             names.add(base)
             if node.level and not node.module:
-                names.update(f"stormfs.{alias.name}" for alias in node.names)
+                names.update(f"{base}.{alias.name}" for alias in node.names)
     return frozenset(name for name in names if name != "__future__")
 
 
@@ -49,7 +55,7 @@ def imports(module: str) -> set[str]:
                 continue
             seen.add(name)
             inner = name.removeprefix("stormfs.")
-            if name.startswith("stormfs.") and (PACKAGE / f"{inner}.py").exists():
+            if name.startswith("stormfs.") and _file(inner).exists():
                 todo.append(inner)
     return seen
 

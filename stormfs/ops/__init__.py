@@ -1,0 +1,1 @@
+"""The pyfuse3 operations, split by kind; `stormfs.fs` assembles them."""
