@@ -11,26 +11,24 @@ keys are redacted from failure reports (see keyscan.py).
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import settings
 
-from stormfs import keys
-
+from .helpers import (
+    MOUNT_TIMEOUT,
+    Mount,
+    MountFactory,
+    is_mounted,
+    scrubbed_env,
+    stormfs_cmd,
+)
 from .keyscan import leaked_in, new_key, redact
-
-MOUNT_TIMEOUT = 15.0
-STOP_TIMEOUT = 30.0
 
 # No per-example deadline: a loaded machine must not turn slowness into failures.
 # `make stress` selects the "stress" profile (--hypothesis-profile=stress).
@@ -39,105 +37,25 @@ settings.register_profile("stress", deadline=None, max_examples=5000)
 settings.load_profile("default")
 
 
-def stormfs_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stormfs", *args]
+# Tests that mount file systems: they need root and /dev/fuse.
+MOUNTING_FIXTURES = {"mount_factory", "mounted", "ext4_image", "tmpfs", "dirs"}
 
 
-def real_mountpoint(path: Path) -> str:
-    """The canonical path of a mount point, found without asking the mount (it may hang)."""
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+def _cannot_mount() -> str | None:
+    if os.geteuid() != 0:
+        return "mount tests need root"
+    if not os.path.exists("/dev/fuse"):
+        return "mount tests need /dev/fuse"
+    return None
 
 
-def is_mounted(path: Path) -> bool:
-    target = real_mountpoint(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
-
-
-def abort_fuse_connection(path: Path) -> None:
-    """End every request pending on the FUSE mount at `path`, as a dead daemon's would be.
-
-    A daemon process that cannot exit (one of its threads waits for an answer from its
-    own mount) keeps the connection alive; aborting it frees the process.
-    """
-    target = real_mountpoint(path)
-    with open("/proc/self/mountinfo") as f:
-        devs = [line.split()[2] for line in f if line.split()[4] == target]
-    if not devs:
-        return
-    connections = Path("/sys/fs/fuse/connections")
-    mounted_here = not any(connections.iterdir()) if connections.is_dir() else False
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], timeout=30)
-    try:
-        for dev in devs:
-            abort = connections / dev.split(":")[1] / "abort"
-            if abort.exists():
-                abort.write_text("1")
-    finally:
-        if mounted_here:
-            subprocess.run(["umount", str(connections)], timeout=30)
-
-
-@dataclass
-class Mount:
-    source: Path
-    mnt: Path
-    key: str | None
-    log: Path
-    proc: subprocess.Popen
-    env: dict[str, str] = field(repr=False, default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def instance_dirs(self) -> list[str]:
-        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet cleaned)."""
-        return sorted(os.listdir(self.source / ".stormfs" / "tmp"))
-
-    @property
-    def raw_key(self) -> bytes:
-        assert self.key is not None
-        return keys.parse_key(self.key)
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def decrypt(self, name: str) -> bytes:
-        """The plaintext of a file in SOURCE by the plain recipe of DESIGN §1."""
-        data = (self.source / name).read_bytes()
-        assert data[:1] == b"\x01", f"{name} is not an envelope"
-        return AESGCM(self.raw_key).decrypt(data[1:13], data[13:], None)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Stop the daemon (committing pending writes on SIGTERM) and make sure it is unmounted."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    abort_fuse_connection(self.mnt)
-                    self.proc.wait(10)
-                    raise AssertionError(f"the daemon did not stop:\n{self.logtext()}") from None
-        if is_mounted(self.mnt):
-            force_unmount(self.mnt)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """A crash: SIGKILL, then clear the dead mount."""
-        self.stop(signal.SIGKILL)
-
-
-MountFactory = Callable[..., Mount]
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _cannot_mount()
+    for item in items:
+        if MOUNTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fuse)
+        if reason and item.get_closest_marker("fuse"):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -191,10 +109,7 @@ def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
         source.mkdir(exist_ok=True)
         mnt.mkdir(exist_ok=True)
         log = tmp_path / f"daemon{n}.log"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-        if key is not None:
-            full_env[keys.ENV_KEY] = key
-        full_env.update(env or {})
+        full_env = scrubbed_env(key, **(env or {}))
         with open(log, "ab") as logf:
             proc = subprocess.Popen(
                 stormfs_cmd("mount", "--foreground", "--debug", *args, str(source), str(mnt)),
@@ -279,25 +194,3 @@ def ext4_image(tmp_path: Path) -> Iterator[Path]:
             gone = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
             if gone.returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
-def audit(source: Path, key: str) -> tuple[int, dict]:
-    """`stormfs audit SOURCE --json` with `key`: its exit code and report."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
-    done = subprocess.run(
-        stormfs_cmd("audit", str(source), "--json"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done.returncode, json.loads(done.stdout)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)

@@ -19,12 +19,11 @@ from stormfs import fs, keys
 from stormfs.daemon import MountError, MountOptions, seen_by_system
 from stormfs.ops.base import boundary
 
-from .conftest import Mount, force_unmount, is_mounted, stormfs_cmd, wait_for
+from .helpers import Mount, force_unmount, is_mounted, scrubbed_env, stormfs_cmd, wait_for
 
 
 def run_stormfs(*args: str, env: dict[str, str] | None = None, timeout: float = 30):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    full.update(env or {})
+    full = scrubbed_env(**(env or {}))
     return subprocess.run(
         stormfs_cmd(*args), capture_output=True, text=True, env=full, timeout=timeout
     )
@@ -253,8 +252,7 @@ def test_hung_daemon_is_cleared_without_hanging(mounted: Mount):
 def test_sigterm_right_after_mounting_stops_the_daemon(dirs, key):
     """A stop that comes while the daemon still checks that its own mount answers."""
     src, mnt = dirs
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
+    env = scrubbed_env(key)
     for _ in range(15):
         proc = subprocess.Popen(
             stormfs_cmd("mount", "--foreground", str(src), str(mnt)),

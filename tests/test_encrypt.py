@@ -18,6 +18,7 @@ from stormfs import format as fmt
 from stormfs import keys, swap
 from stormfs.exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 
+from .helpers import scrubbed_env
 from .trees import (
     leftovers,
     legacy_bytes,
@@ -192,8 +193,7 @@ def test_hard_link_group_interrupted(tmp_path: Path, key: str, write_between: bo
     names[1].parent.mkdir()
     for n in names[1:]:
         os.link(names[0], n)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
+    env = scrubbed_env(key)
     code = CRASH_AT_SWAP.format(n=2, src=str(src))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
     assert r.returncode == 9, r.stderr
@@ -307,8 +307,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, key: str):
     src = tmp_path / "src"
     for i in range(3):
         write(src / f"f{i}", legacy_bytes(100_000))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
+    env = scrubbed_env(key)
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     proc = subprocess.Popen(

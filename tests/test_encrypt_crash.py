@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from stormfs import keys
 from stormfs.exitcodes import OK
 
+from .helpers import scrubbed_env
 from .trees import leftovers, plain_decrypt, run_json, write
 
 KILLS = 12
@@ -62,8 +62,7 @@ def test_kill_and_rerun(tmp_path: Path, key: str):
     rng = random.Random(seed)
     src = tmp_path / "src"
     expected, groups = build(src, rng)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
+    env = scrubbed_env(key)
     cmd = [sys.executable, "-m", "stormfs", "encrypt", str(src), "--force", "--jobs", "2"]
     killed = 0
     for _ in range(KILLS):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stormfs import keys
 from stormfs.exitcodes import ISSUES_FOUND, OK
 
-from .conftest import MountFactory
+from .helpers import MountFactory, scrubbed_env
 from .live_worker import version_bytes
 from .trees import leftovers, plain_decrypt, run_json, stormfs, write
 
@@ -140,8 +139,7 @@ def test_open_for_writing_during_encryption_is_not_lost(tmp_path: Path, key: str
     src = tmp_path / "src"
     data = legacy(160 << 20)
     big = write(src / "big", data)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key
+    env = scrubbed_env(key)
     proc = subprocess.Popen(
         [sys.executable, "-m", "stormfs", "encrypt", str(src), "--force", "--json"],
         env=env,

@@ -24,8 +24,7 @@ import pytest
 from stormfs import format as fmt
 from stormfs import keys
 
-from .conftest import Mount, MountFactory, audit, wait_for
-from .test_view import storm_cloud_envelope
+from .helpers import Mount, MountFactory, audit, storm_cloud_envelope, wait_for
 
 pytestmark = pytest.mark.faults
 

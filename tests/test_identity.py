@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from .conftest import Mount
+from .helpers import Mount
 
 DEAD = (errno.ENOENT, errno.ESTALE)
 

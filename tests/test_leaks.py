@@ -28,8 +28,7 @@ import pytest
 
 from stormfs import keys
 
-from .conftest import MountFactory, stormfs_cmd
-from .test_view import storm_cloud_envelope
+from .helpers import MountFactory, scrubbed_env, storm_cloud_envelope, stormfs_cmd
 
 pytestmark = pytest.mark.leaks
 
@@ -342,8 +341,7 @@ def test_bad_key_error_messages_do_not_echo_the_key(tmp_path, key, mangle):
     bad = mangle(key)
     (tmp_path / "src").mkdir()
     (tmp_path / "mnt").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = bad
+    env = scrubbed_env(bad)
     done = subprocess.run(
         stormfs_cmd("mount", "--foreground", str(tmp_path / "src"), str(tmp_path / "mnt")),
         env=env,
@@ -369,8 +367,7 @@ def test_key_objects_do_not_show_their_material(key):
 def test_python_tracebacks_from_the_key_path_hold_no_key(tmp_path, key):
     """An unreadable key file, as an operator would meet it: the message names the file."""
     missing = tmp_path / "no-such-keyfile"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    env[keys.ENV_KEY] = key  # also set: the error must not print it either
+    env = scrubbed_env(key)  # also set: the error must not print it either
     (tmp_path / "src").mkdir()
     (tmp_path / "mnt").mkdir()
     done = subprocess.run(

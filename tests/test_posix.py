@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from .conftest import Mount, wait_for
+from .helpers import Mount, wait_for
 
 
 def test_write_at_offsets_append_and_sparse(mounted: Mount):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount
+from .helpers import Mount
 
 
 def run(*cmd: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:

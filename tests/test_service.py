@@ -24,9 +24,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stormfs import keys
 
-from .conftest import force_unmount, is_mounted
 from .deployment import REPO, Deployment
+from .helpers import force_unmount, is_mounted
 from .keyscan import leaked_in, new_key, run
+
+pytestmark = pytest.mark.fuse  # every test here mounts, as the unit would
 
 UNIT = REPO / "systemd" / "stormfs@.service"
 READY_TIMEOUT = 20.0

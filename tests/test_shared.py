@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, MountFactory, audit, wait_for
+from .helpers import Mount, MountFactory, audit, wait_for
 
 pytestmark = pytest.mark.shared
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, MountFactory
+from .helpers import Mount, MountFactory
 
 CPYTHON_MODULES = [
     "test_os",

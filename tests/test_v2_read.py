@@ -16,7 +16,7 @@ import pytest
 from stormfs import format_v2 as v2
 from stormfs import keys
 
-from .conftest import Mount, MountFactory
+from .helpers import Mount, MountFactory
 
 C = v2.CHUNK_SIZE
 

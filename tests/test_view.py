@@ -6,18 +6,11 @@ import errno
 import os
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stormfs import format as fmt
 from stormfs import keys
 
-from .conftest import Mount
-
-
-def storm_cloud_envelope(key: str, data: bytes) -> bytes:
-    """A file as the Storm Cloud server writes it: the plain AESGCM recipe, no stormfs state."""
-    nonce = os.urandom(12)
-    return b"\x01" + nonce + AESGCM(keys.parse_key(key)).encrypt(nonce, data, None)
+from .helpers import Mount, storm_cloud_envelope
 
 
 def test_written_file_is_an_envelope(mounted: Mount):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from stormfs import format as fmt
 from stormfs import keys
+
+from .helpers import reference_decrypt, scrubbed_env
 
 RUN_TIMEOUT = 120
 
@@ -25,10 +25,7 @@ def stormfs(
     prefix: tuple[str, ...] = (),
     **kw: Any,
 ) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}
-    if key is not None:
-        full_env[keys.ENV_KEY] = key
-    full_env.update(env or {})
+    full_env = scrubbed_env(key, **(env or {}))
     return subprocess.run(
         [*prefix, sys.executable, "-m", "stormfs", *args],
         capture_output=True,
@@ -48,10 +45,8 @@ def run_json(*args: str, key: str | None, **kw: Any) -> tuple[int, dict[str, Any
 
 
 def plain_decrypt(key: str, data: bytes) -> bytes:
-    """DESIGN §1's recipe, nothing else."""
-    assert data[:1] == b"\x01"
-    raw = keys.parse_key(key)
-    return AESGCM(raw).decrypt(data[1:13], data[13:], None)
+    """DESIGN §1's recipe, nothing else, with the key as configured."""
+    return reference_decrypt(keys.parse_key(key), data)
 
 
 def legacy_bytes(n: int) -> bytes:
