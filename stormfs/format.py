@@ -113,17 +113,17 @@ def verify_stream(key: bytes, read: Callable[[int], bytes], size: int) -> bytes:
     Returns the nonce on success; raises DecryptionFailed otherwise (including
     a stream that ends early or does not look like an envelope).
     """
-    head = _read_exact(read, HEADER_SIZE)
+    head = read_exact(read, HEADER_SIZE)
     if size < OVERHEAD or classify(size, head) is not Kind.ENCRYPTED:
         raise DecryptionFailed("not a v1 envelope")
     nonce = head[1:]
     dec = Cipher(algorithms.AES(key), modes.GCM(nonce)).decryptor()
     remaining = size - OVERHEAD
     while remaining:
-        chunk = _read_exact(read, min(STREAM_CHUNK, remaining))
+        chunk = read_exact(read, min(STREAM_CHUNK, remaining))
         dec.update(chunk)
         remaining -= len(chunk)
-    tag = _read_exact(read, TAG_SIZE)
+    tag = read_exact(read, TAG_SIZE)
     try:
         dec.finalize_with_tag(tag)
     except InvalidTag:
@@ -148,7 +148,7 @@ def open_stream(key: bytes, stream: BinaryIO, out: BinaryIO, size: int) -> None:
     remaining = size - OVERHEAD
     offset = 0
     while remaining:
-        chunk = _read_exact(stream.read, min(STREAM_CHUNK, remaining))
+        chunk = read_exact(stream.read, min(STREAM_CHUNK, remaining))
         out.write(decrypt_range(key, nonce, offset, chunk))
         offset += len(chunk)
         remaining -= len(chunk)
@@ -173,7 +173,8 @@ def decrypt_range(key: bytes, nonce: bytes, offset: int, ciphertext: bytes | mem
     return dec.update(ciphertext) + dec.finalize()
 
 
-def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
+def read_exact(read: Callable[[int], bytes], n: int, what: str = "envelope") -> bytes:
+    """Exactly `n` bytes from a stream; a short one is a truncated (damaged) file."""
     data = read(n)
     if len(data) == n:
         return data
@@ -182,7 +183,7 @@ def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
     while got < n:
         more = read(n - got)
         if not more:
-            raise DecryptionFailed("truncated envelope")
+            raise DecryptionFailed(f"truncated {what}")
         parts.append(more)
         got += len(more)
     return b"".join(parts)

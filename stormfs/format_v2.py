@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # DecryptionFailed is the one error of this module, shared with v1.
-from .format import KEY_SIZE, NONCE_SIZE, TAG_SIZE, DecryptionFailed
+from .format import KEY_SIZE, NONCE_SIZE, TAG_SIZE, DecryptionFailed, read_exact
 
 VERSION = 0x02
 SIGNATURE = b"\x02stormfs"  # the version byte and a fixed tag: what makes a file v2
@@ -289,14 +289,16 @@ def verify_stream(
     Returns the file's keys; raises DecryptionFailed for anything else (a bad
     header or chunk, a size no v2 file has, a stream that ends early).
     """
-    cipher = open_header(key, _read_exact(read, HEADER_SIZE))
+    cipher = open_header(key, read_exact(read, HEADER_SIZE, "v2 file"))
     if not size_is_valid(size, cipher.chunk_size):
         raise DecryptionFailed("no v2 file has this size")
     plain = plaintext_size(size, cipher.chunk_size)
     count = chunk_count(plain, cipher.chunk_size)
     for i in range(count):
         span = chunk_span(plain, i, cipher.chunk_size)
-        piece = cipher.open_chunk(i, _read_exact(read, span + CHUNK_OVERHEAD), i == count - 1)
+        piece = cipher.open_chunk(
+            i, read_exact(read, span + CHUNK_OVERHEAD, "v2 file"), i == count - 1
+        )
         if out is not None:
             out(piece)
     return cipher
@@ -312,15 +314,3 @@ def _bytes_reader(data: bytes) -> Callable[[int], bytes]:
         return piece
 
     return read
-
-
-def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        more = read(n - got)
-        if not more:
-            raise DecryptionFailed("truncated v2 file")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
