@@ -187,6 +187,30 @@ def test_each_tamper_case_is_eio_logged_once_and_left_alone(mounted: Mount):
     assert mounted.key is not None and mounted.key not in mounted.logtext()
 
 
+def test_a_damaged_empty_file_fails_at_open(mounted: Mount):
+    """A read of an empty file looks at no chunk: the open checks the header, and the
+    empty chunk of an empty file."""
+    empty = v2.seal(mounted.raw_key, b"")
+    cases = {
+        "empty-chunk-bit": _flip(empty, len(empty) - 1),
+        "empty-header-bit": _flip(empty, 30),
+        "signature-of-other-key": v2.seal(bytes(32), b""),
+    }
+    for name, blob in cases.items():
+        plant(mounted, name, blob)
+    plant(mounted, "empty", empty)
+    assert (mounted.mnt / "empty").read_bytes() == b""
+    for name in cases:
+        for _ in range(2):
+            with pytest.raises(OSError) as e:
+                open(mounted.mnt / name, "rb").close()
+            assert e.value.errno == errno.EIO, name
+    mounted.stop()
+    for name, blob in cases.items():
+        assert failures(mounted, name) == 1, name
+        assert (mounted.source / name).read_bytes() == blob, name
+
+
 def test_sizes_of_damaged_files_are_numbers(mounted: Mount):
     cases = tamper_cases(mounted.raw_key)
     for name in ("cut-at-boundary", "cut-inside-chunk", "signature-and-garbage"):

@@ -11,7 +11,7 @@ import time
 
 import pyfuse3
 
-from ..content import EnvelopeReader, Identity, PlainReader
+from ..content import EnvelopeReader, Identity, PlainReader, V2Reader
 from ..openfiles import Handle
 from ..source import At, sync_dir
 from .base import OpsBase, boundary, hidden_name
@@ -78,9 +78,13 @@ class FileOps(OpsBase):
                     # attr_timeout): reads would stop there.  Make it ask again.
                     with contextlib.suppress(OSError):
                         pyfuse3.invalidate_inode(node.inode, attr_only=True)
-                if isinstance(node.file.reader, EnvelopeReader) and not flags & os.O_TRUNC:
-                    # A damaged file fails at open, even one whose plaintext is empty.
-                    await self._io(node.file.reader.size, node.file.reader.verify)
+                reader = node.file.reader
+                if isinstance(reader, EnvelopeReader | V2Reader) and not flags & os.O_TRUNC:
+                    # A damaged file fails at open, even one whose plaintext is empty
+                    # (v1: the whole file, once per version; v2: its header, and the empty
+                    # chunk of an empty file).
+                    cost = reader.size if isinstance(reader, EnvelopeReader) else 0
+                    await self._io(cost, reader.verify)
             else:
                 keep = True
             if flags & os.O_TRUNC and writable:
