@@ -52,6 +52,12 @@ def unmount(mnt: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
+def set_readahead(mnt: Path, kib: int) -> None:
+    """The kernel's readahead for a FUSE mount, through its backing-device entry."""
+    dev = os.stat(mnt).st_dev
+    Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(str(kib))
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.wait(timeout=EXIT_TIMEOUT)
@@ -83,6 +89,8 @@ class Target:
 
 class FuseTarget(Target):
     program = ""
+    # Readahead the benchmark sets on the mount (None: the daemon's own choice).
+    readahead_kb: int | None = None
 
     def prepare(self, workdir: Path, src: Path, log: Path) -> None:
         """One-time set-up of a fresh SOURCE before mounting."""
@@ -120,6 +128,8 @@ class FuseTarget(Target):
                     raise Unavailable(f"not mounted after {MOUNT_TIMEOUT:.0f} s: {_tail(log)}")
                 time.sleep(0.05)
             ready = True
+            if self.readahead_kb is not None:
+                set_readahead(mnt, self.readahead_kb)
             yield Mounted(mnt, proc)
         finally:
             if mounts_under(mnt):
@@ -131,6 +141,7 @@ class FuseTarget(Target):
 
 class Passthrough(FuseTarget):
     name = "passthrough"
+    readahead_kb = 1024  # what stormfs sets on its own mounts
 
     def __init__(self, python: str) -> None:
         self.program = python
