@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import Mount, MountFactory, audit, wait_for
+from .helpers import Mount, MountFactory, scrubbed_env, stormfs_cmd, wait_for
 
 pytestmark = pytest.mark.shared
 
@@ -170,24 +172,42 @@ def test_concurrent_writers_on_two_daemons_end_with_one_complete_version(
         threading.Thread(target=writer, args=(a, b"a", 1)),
         threading.Thread(target=writer, args=(b, b"b", 2)),
     ]
-    audits: list[dict] = []
-
-    def auditor() -> None:
-        while not stop.is_set():
-            code, report = audit(source, key)
-            audits.append(report)
-            if code != 0:
-                problems.append(f"audit exited {code}: {report['files']}")
-
+    # The audit loop runs in a process of its own, started before any writer opens the
+    # file: a fork here would copy the writers' descriptors, and the child's close (at
+    # exec) is a close() of the file, on which stormfs commits what was written so far.
+    audit_dir, stop_file = tmp_path / "audits", tmp_path / "audits.stop"
+    audit_dir.mkdir()
+    loop = (
+        'i=0; while [ ! -e "$1" ]; do "${@:3}" > "$2/$i.json"; echo $? > "$2/$i.rc"; '
+        "i=$((i+1)); done"
+    )
+    audit_cmd = stormfs_cmd("audit", str(source), "--json")
+    auditor = subprocess.Popen(
+        ["bash", "-c", loop, "audit-loop", str(stop_file), str(audit_dir), *audit_cmd],
+        env=scrubbed_env(key),
+    )
     readers = [threading.Thread(target=reader, args=(c,)) for _ in range(2)]
-    readers.append(threading.Thread(target=auditor))
-    for t in writers + readers:
-        t.start()
-    for t in writers:
-        t.join(150)
-    stop.set()
-    for t in readers:
-        t.join(60)
+    try:
+        for t in writers + readers:
+            t.start()
+        for t in writers:
+            t.join(150)
+        stop.set()
+        for t in readers:
+            t.join(60)
+    finally:
+        stop_file.touch()
+        try:
+            auditor.wait(120)
+        except subprocess.TimeoutExpired:
+            auditor.kill()
+            auditor.wait(10)
+    audits: list[dict] = []
+    for rc in sorted(audit_dir.glob("*.rc")):
+        report = json.loads(rc.with_suffix(".json").read_text())
+        audits.append(report)
+        if rc.read_text().strip() != "0":
+            problems.append(f"audit exited {rc.read_text().strip()}: {report['files']}")
     assert not problems, problems[:10]
     assert reads[0] > 0 and audits
     # the audit never saw a temporary, a half-written file or anything but one envelope
