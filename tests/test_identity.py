@@ -19,10 +19,11 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from .helpers import Mount
+from .helpers import Mount, MountFactory
 
 DEAD = (errno.ENOENT, errno.ESTALE)
 
@@ -73,7 +74,12 @@ def test_removed_cwd_does_not_become_the_next_directory(mounted: Mount):
     assert mounted.decrypt("e/f") == b"x"
 
 
-def test_descriptor_of_a_removed_directory_cannot_reach_the_next_one(mounted: Mount):
+def test_descriptor_of_a_removed_directory_cannot_reach_the_next_one(
+    ext4_image: Path, mount_factory: MountFactory
+):
+    # A small file system of its own: on a busy shared one, another process may take
+    # the freed inode number first.
+    mounted = mount_factory(source=ext4_image)
     d, e = mounted.mnt / "d", mounted.mnt / "e"
     d.mkdir(mode=0o755)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)

@@ -68,7 +68,9 @@ def scan_file(path: str, pats: list[bytes], chunk: int = 1 << 20) -> tuple[list[
     overlap = max(map(len, pats)) - 1
     try:
         f = open(path, "rb", buffering=0)  # noqa: SIM115
-    except (FileNotFoundError, PermissionError):
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        # Gone since it was listed; a /proc/PID/fd number may even have been reused
+        # for one of the daemon's directory descriptors meanwhile.
         return hits, 0
     with f:
         tail = b""
