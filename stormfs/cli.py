@@ -58,10 +58,10 @@ def preflight_or_refuse(
     return verdict.mode
 
 
-def _load_keyring(key_file: str | None) -> keys.Keyring | int | None:
+def _load_keyring(key_file: str | None, keyring_file: str | None) -> keys.Keyring | int | None:
     """The keyring the options and environment give, or USAGE (said why) if malformed."""
     try:
-        return keys.load_keyring(key_file=key_file, environ=os.environ)
+        return keys.load_keyring(key_file=key_file, keyring_file=keyring_file, environ=os.environ)
     except keys.InvalidKey as e:
         _err(str(e))
         return USAGE
@@ -95,7 +95,7 @@ def _mount(args: argparse.Namespace) -> int:
         return USAGE
     # Before the key is read: no core dump may ever hold it (or plaintext).
     hygiene.disable_core_dumps()
-    keyring = _load_keyring(args.key_file or opts.key_file)
+    keyring = _load_keyring(args.key_file or opts.key_file, args.keyring or opts.keyring)
     if isinstance(keyring, int):
         return keyring
     hygiene.scrub_key_environment()
@@ -168,7 +168,7 @@ def _notify_ready(mountpoint: str) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     """Load the key as the mount would and run the safety checks, nothing more."""
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     mode = preflight_or_refuse(args.source, keyring, echo=print)
@@ -198,7 +198,7 @@ def _audit(args: argparse.Namespace) -> int:
     source = _source_dir(args.source)
     if source is None:
         return USAGE
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     if keyring is None and not args.quick:
@@ -277,7 +277,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     source = _source_dir(args.source)
     if source is None:
         return USAGE
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     if keyring is None:
@@ -339,6 +339,15 @@ def _print_encrypt(r: dict[str, Any]) -> None:
             print(f"{f['status']}  {f['path']}: {f['detail']}")
 
 
+def _keyring_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keyring",
+        metavar="PATH",
+        help="file of older keys, one KEY_ID KEY per line (mode 0600; default: the "
+        f"credential $CREDENTIALS_DIRECTORY/{keys.KEYRING_CREDENTIAL_NAME})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stormfs",
@@ -359,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"${keys.ENV_KEY}; its id from ${keys.ENV_KEY_ID} (default 1).",
         epilog="Mount options (-o, comma-separated): allow_other, allow_root, "
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
-        "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
+        "key_file=PATH, keyring=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
         "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
@@ -370,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]")
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.add_argument(
         "--log-file",
         metavar="PATH",
@@ -387,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE", help="the storage directory")
     p.add_argument("--key-file", metavar="PATH", help="read the key from PATH (mode 0600)")
+    _keyring_option(p)
     p.set_defaults(func=_check)
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
@@ -412,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify from file headers only, without verifying tags (no key needed)",
     )
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.set_defaults(func=_audit)
 
     p = sub.add_parser(
@@ -434,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.add_argument(
         "--jobs",
         type=int,

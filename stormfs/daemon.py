@@ -50,6 +50,7 @@ class MountError(Exception):
 class MountOptions:
     fuse: set[str] = field(default_factory=set)
     key_file: str | None = None
+    keyring: str | None = None
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     # FUSE mounts get the kernel's default 128 KiB readahead: every 128 KiB of a
@@ -71,6 +72,8 @@ class MountOptions:
                     opts.metadata_threads = True
                 elif name == "key_file" and value:
                     opts.key_file = value
+                elif name == "keyring" and value:
+                    opts.keyring = value
                 elif name in ("entry_timeout", "attr_timeout") and value:
                     try:
                         seconds = float(value)
