@@ -131,7 +131,7 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
     os.umask(0)
-    store = Store(source, keyring.current if keyring else None)
+    store = Store(source, keyring)
     try:
         ops = Operations(
             store,

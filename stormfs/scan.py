@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import format as fmt
-from .content import LRU, Identity, pread_stream
+from .content import LRU, Identity, Opened, pread_stream
 from .keys import Key, Keyring
 from .source import is_hidden, open_readonly, recorded_key_id
 
@@ -178,6 +178,18 @@ def opening_key(
     return None
 
 
+def authenticate(fd: int, size: int, keyring: Keyring, key_id: str | None) -> Opened | None:
+    """The nonce, and the key of `keyring` that opens the envelope of `size` bytes open
+    at `fd` (the key named `key_id` tried first); None when no key opens it."""
+    nonces: list[bytes] = []
+
+    def opens(material: bytes) -> None:
+        nonces.append(fmt.verify_stream(material, pread_stream(fd), size))
+
+    key = opening_key(keyring, key_id, opens)
+    return None if key is None else Opened(nonces[-1], key)
+
+
 def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdict:
     """Put one file in exactly one class.
 
@@ -214,12 +226,11 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
 
 
 def _authenticate(fd: int, st: os.stat_result, keyring: Keyring) -> Verdict:
-    def opens(material: bytes) -> None:
-        fmt.verify_stream(material, pread_stream(fd), st.st_size)
-
-    key = opening_key(keyring, recorded_key_id(fd), opens)
-    if key is not None:
-        return Verdict(Status.ENCRYPTED, f"authenticated under key id {key.key_id}", key)
+    opened = authenticate(fd, st.st_size, keyring, recorded_key_id(fd))
+    if opened is not None:
+        return Verdict(
+            Status.ENCRYPTED, f"authenticated under key id {opened.key.key_id}", opened.key
+        )
     return Verdict(
         Status.DECRYPTION_FAILED,
         "DECRYPTION_FAILED: envelope does not authenticate under the key "

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 
 from . import format as fmt
-from .content import LRU, EnvelopeReader, Identity, PlainReader, Reader, Verdicts
-from .keys import Key
-from .scan import header_kind, kind_of
+from .content import LRU, EnvelopeReader, Identity, Opened, PlainReader, Reader, Verdicts
+from .keys import Keyring
+from .scan import authenticate, header_kind, kind_of
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
@@ -89,10 +89,15 @@ class NoKeyReader:
 
 
 class Store:
-    def __init__(self, root: str | bytes, key: Key | None) -> None:
+    """SOURCE as the mount sees it.  `key` is the keyring's current key (which seals
+    every new version); the other keys of `keyring` only open what they sealed."""
+
+    def __init__(self, root: str | bytes, keyring: Keyring | None) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
-        self.key = key
-        self.verdicts = Verdicts()
+        self.keyring = keyring
+        self.key = keyring.current if keyring is not None else None
+        only = self.key if keyring is not None and len(keyring) == 1 else None
+        self.verdicts = Verdicts(only_key=only)
         self._kinds: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
         self.state = state_dir(self.root)
@@ -169,7 +174,19 @@ class Store:
         return st, fmt.plaintext_size(st.st_size, kind), kind
 
     def key_id_of(self, path: bytes) -> str | None:
+        """The id of the key that opened the file, once a read has verified it; before,
+        the id recorded on it (None if none is)."""
+        try:
+            opened = self.verdicts.get(Identity.of(os.lstat(path)))
+        except OSError:
+            opened = None
+        if isinstance(opened, Opened):
+            return opened.key.key_id
         return recorded_key_id(path)
+
+    def _authenticate(self, fd: int, size: int) -> Opened | None:
+        assert self.keyring is not None
+        return authenticate(fd, size, self.keyring, recorded_key_id(fd))
 
     def open_reader(self, path: bytes) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
@@ -189,7 +206,7 @@ class Store:
                 return PlainReader(fd, st.st_size)
             if self.key is None:
                 return NoKeyReader(fd, st, self.rel(path))
-            return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(path), st=st)
+            return EnvelopeReader(fd, self._authenticate, self.verdicts, self.rel(path), st=st)
         except BaseException:
             os.close(fd)
             raise
@@ -269,8 +286,9 @@ class Store:
         if nonce is None or self.key is None:
             return PlainReader(fd, st.st_size)
         self._kinds.put(Identity.of(st), fmt.Kind.ENCRYPTED)
+        opened = Opened(nonce, self.key)
         return EnvelopeReader(
-            fd, self.key.material, self.verdicts, self.rel(path), nonce=nonce, st=st
+            fd, self._authenticate, self.verdicts, self.rel(path), opened=opened, st=st
         )
 
     def _rename_into(self, temp: TempFile, dir_fd: int, name: bytes, dev: int) -> None:

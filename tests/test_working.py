@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
-from stormfs.keys import Key
+from stormfs.keys import Key, Keyring
 from stormfs.store import Store
 from stormfs.working import BLOCK, WorkingCopy
 
@@ -20,7 +20,7 @@ KEY = Key("7", os.urandom(32))
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     yield s
     s.close()
 
@@ -138,7 +138,7 @@ def test_interrupted_in_place_rewrite_is_finished_at_start(tmp_path: Path):
     (dead / "redo-t-1").write_text(json.dumps(record))
     with open(a, "r+b") as f:  # torn: the copy had begun
         f.write(new[:10])
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     try:
         assert not dead.exists()
         assert plaintext(b) == b"new content"
@@ -148,9 +148,9 @@ def test_interrupted_in_place_rewrite_is_finished_at_start(tmp_path: Path):
 
 
 def test_live_instance_is_left_alone(tmp_path: Path):
-    s1 = Store(tmp_path, KEY)
+    s1 = Store(tmp_path, Keyring(KEY))
     temp = s1.new_temp()
-    s2 = Store(tmp_path, KEY)
+    s2 = Store(tmp_path, Keyring(KEY))
     try:
         assert (Path(os.fsdecode(s1.instance)) / os.fsdecode(temp.name)).exists()
     finally:
@@ -185,7 +185,7 @@ def test_starting_instance_is_left_alone(tmp_path: Path):
     fresh.mkdir(parents=True)
     stale.mkdir()
     os.utime(stale, (0, 0))
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     try:
         assert fresh.exists() and not stale.exists()
         assert not any(p.name.endswith(".starting") for p in tmp.iterdir() if p != fresh)
