@@ -28,7 +28,7 @@ from .units import human_bytes, human_duration
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "check", "keygen", "audit", "encrypt")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt", "rotate", "keys")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -348,6 +348,82 @@ def _keyring_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    if not args.force and not args.dry_run:
+        _err(
+            "rotate rewrites every file not under the current key: add --force to do it, "
+            "or --dry-run to see what it would do"
+        )
+        return USAGE
+    if args.jobs < 1:
+        _err("--jobs must be at least 1")
+        return USAGE
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file, args.keyring)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None:
+        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file")
+        return USAGE
+    root = os.fsencode(source)
+    legacy = args.include_legacy
+    if args.dry_run:
+        report = dry_run(root, keyring.current, args.jobs, keyring, include_legacy=legacy)
+    else:
+        refused = preflight_or_refuse(source, keyring, echo=_stderr)
+        if isinstance(refused, int):
+            return refused
+        progress = _EncryptProgress(sys.stderr, label="rotate")
+        try:
+            report = encrypt(
+                root, keyring.current, args.jobs, progress, keyring, include_legacy=legacy
+            )
+        except Busy:
+            _err(f"another stormfs encrypt or rotate is running on {source}")
+            return BUSY
+    report["include_legacy"] = legacy
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_rotate(report)
+    if report["errors"]:
+        return ISSUES_FOUND
+    return WORK_TO_DO if report["would_encrypt"] else OK
+
+
+def _print_rotate(r: dict[str, Any]) -> None:
+    if r["dry_run"]:
+        for f in r["files"]:
+            if f["status"] in ("needs_rotation", "needs_encryption"):
+                print(f"would re-encrypt  {f['path']}: {f['detail']}")
+    what = "Dry run of the rotation" if r["dry_run"] else "Rotation"
+    print(f"\n{what} of {r['source']} to key id {r['key_id']}")
+    print(f"  Files scanned:            {r['scanned']}")
+    print(f"  Under the current key:    {r['already_encrypted']}")
+    olds = ", ".join(f"key id {i}: {n}" for i, n in r["from_key_ids"].items())
+    if r["dry_run"]:
+        print(f"  Would re-encrypt:         {r['would_encrypt']}" + (f" ({olds})" if olds else ""))
+    else:
+        rate = r["bytes_encrypted"] / r["seconds"] if r["seconds"] else 0
+        print(
+            f"  Re-encrypted now:         {r['encrypted_now']} "
+            f"({human_bytes(r['bytes_encrypted'])} in {human_duration(r['seconds'])}, "
+            f"{human_bytes(rate)}/s)"
+        )
+    if r["legacy_left"]:
+        print(f"  Legacy files left:        {r['legacy_left']} (--include-legacy encrypts them)")
+    print(f"  Errors:                   {r['errors']}")
+    if r["stale_temp_files"]:
+        verb = "to remove" if r["dry_run"] else "removed"
+        print(f"  Stale temporary files {verb}: {r['stale_temp_files']}")
+    done = ("encrypted", "needs_encryption", "needs_rotation", "vanished")
+    for f in r["files"]:
+        if f["status"] not in done:
+            print(f"{f['status']}  {f['path']}: {f['detail']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stormfs",
@@ -455,6 +531,38 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=_encrypt)
+
+    p = sub.add_parser(
+        "rotate",
+        help="re-encrypt every file not under the current key, in place (needs --force)",
+        description="Seal every envelope in SOURCE that an older key of the keyring opens "
+        "again under the current key (and with --include-legacy every legacy plaintext "
+        "file too), in place and atomically, as encrypt does: safe while SOURCE is mounted "
+        "and in use, resumable after an interruption. Files that no key opens are reported "
+        "and left as they are. The current key comes from --key-file or "
+        f"${keys.ENV_KEY} (its id from ${keys.ENV_KEY_ID}), older keys from --keyring.",
+        epilog=f"Exit status: {OK} done, nothing left; {WORK_TO_DO} (--dry-run) files would be "
+        f"re-encrypted; {ISSUES_FOUND} some files could not be; {USAGE} usage or key error; "
+        f"{KEY_SAFETY} key safety check refused; {BUSY} another encrypt or rotate is "
+        "running on SOURCE.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--force", action="store_true", help="really rewrite the files")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument(
+        "--include-legacy", action="store_true", help="encrypt legacy plaintext files too"
+    )
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"files sealed at once (default {DEFAULT_JOBS})",
+    )
+    p.set_defaults(func=_rotate)
     return parser
 
 
