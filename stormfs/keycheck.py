@@ -237,7 +237,9 @@ def preflight(source: str, keyring: Keyring | None) -> Preflight:
             return _move_to_new_key(now, keyring, source, dir_fd)
         if recorded is not None:
             envelopes = _sample(source, keyring)
-        write_atomically(dir_fd, CHECK_NAME, KeyCheck.make(keyring.current).to_bytes())
+        # Files may be under any key of the keyring: each is accepted until retired.
+        older = tuple(KeyCheck.make(k) for k in keyring.others())
+        write_atomically(dir_fd, CHECK_NAME, KeyCheck.make(keyring.current, older).to_bytes())
     if envelopes:
         return Preflight(Mode.ENCRYPTED, ADOPTED.format(source=source, path=check_path(source)))
     return Preflight(Mode.ENCRYPTED, FIRST_TIME.format(prefix=key_prefix(keyring.current)))

@@ -101,6 +101,10 @@ class Keyring:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def others(self) -> list[Key]:
+        """The keys that are not the current one, by id."""
+        return [self._by_id[i] for i in self.ids()[1:]]
+
     def ids(self) -> list[str]:
         """Every key id, the current one first."""
         return [self.current.key_id, *sorted(set(self._by_id) - {self.current.key_id})]

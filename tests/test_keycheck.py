@@ -485,3 +485,15 @@ def test_check_command_with_a_keyring(rotated, tmp_path_factory):
     proc = run([*STORMFS, "mount", str(source), str(mnt)], env=env)
     assert (proc.returncode, proc.stdout) == (KEY_SAFETY, "")
     assert proc.stderr == missing_text(source, "1") + "\n"
+
+
+def test_first_check_with_a_keyring_accepts_every_key_of_it(tmp_path):
+    """No check recorded yet: files may be under any key of the keyring, so each stays
+    needed until it is retired."""
+    k1, k2 = new_key(), new_key()
+    storm_cloud_source(tmp_path, k1)
+    mode, said = preflight(tmp_path, several(k2, "2", {"1": k1}))
+    assert mode is keycheck.Mode.ENCRYPTED and said[0].startswith("Key verified against")
+    recorded = keycheck.read_check(str(tmp_path))
+    assert recorded is not None and recorded.ids() == ["2", "1"]
+    assert refused(tmp_path, ring(k2, "2")).message == missing_text(tmp_path, "1")
