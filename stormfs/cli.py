@@ -1,6 +1,6 @@
 """The `stormfs` command: every parser, message, progress bar and exit code.
 
-The engines (`keycheck`, `audit`, `encrypt`) return verdicts and reports;
+The engines (`keycheck`, `audit`, `encrypt`, `keyuse`) return verdicts and reports;
 this module prints them and picks the exit status.
 """
 
@@ -20,6 +20,7 @@ from .audit import audit
 from .daemon import MountError, MountOptions, check_paths, serve
 from .encrypt import DEFAULT_JOBS, Busy, dry_run, encrypt
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, MOUNT_FAILED, OK, USAGE, WORK_TO_DO
+from .keyuse import StillNeeded, census, retire
 from .pipeline import Done, Outcome
 from .plan import Job
 from .progress import Progress
@@ -424,6 +425,69 @@ def _print_rotate(r: dict[str, Any]) -> None:
             print(f"{f['status']}  {f['path']}: {f['detail']}")
 
 
+def _keys(args: argparse.Namespace) -> int:
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file, args.keyring)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None:
+        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file (and --keyring)")
+        return USAGE
+    root = os.fsencode(source)
+    try:
+        report = (
+            census(root, keyring) if args.retire is None else retire(root, keyring, args.retire)
+        )
+    except keycheck.SafetyError as e:
+        _stderr(e.message)
+        return KEY_SAFETY
+    except keycheck.NotRetirable as e:
+        _err(f"cannot retire: {e}")
+        return USAGE
+    except StillNeeded as e:
+        _err(
+            f"key id {e.key_id} is still needed by {e.files} file(s) in {source}: not retired "
+            "(re-encrypt them under the current key first: make rotate-keys)"
+        )
+        return KEY_SAFETY
+    except OSError as e:
+        _err(f"cannot retire the key: {e.strerror or e}")
+        return USAGE
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_keys(report)
+    return ISSUES_FOUND if report["decryption_failed"] or report["unreadable"] else OK
+
+
+def _print_keys(r: dict[str, Any]) -> None:
+    print(f"Keys of {r['source']} (current key id {r['current_key_id']})")
+    ids = dict.fromkeys([r["current_key_id"], *r["recorded"], *r["key_ids"]])
+    width = max(len(i) for i in ids)
+    for key_id in ids:
+        notes = []
+        if key_id == r["current_key_id"]:
+            notes.append("current")
+        if key_id in r["recorded"]:
+            notes.append("accepted by the key check")
+        note = f" ({', '.join(notes)})" if notes else ""
+        print(f"  key id {key_id:<{width}}  {r['key_ids'].get(key_id, 0)} file(s){note}")
+    print(f"  legacy plaintext    {r['legacy']} file(s)")
+    if r["decryption_failed"] or r["unreadable"]:
+        print(
+            f"  with issues         {r['decryption_failed'] + r['unreadable']} file(s) "
+            f"(decryption_failed {r['decryption_failed']}, unreadable {r['unreadable']})"
+        )
+        for f in r["files"]:
+            print(f"{f['status']}  {f['path']}: {f['detail']}")
+    if r["retired"] is not None:
+        print(
+            f"Retired key id {r['retired']}: no file needs it; the key check no longer accepts it."
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stormfs",
@@ -563,6 +627,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=_rotate)
+
+    p = sub.add_parser(
+        "keys",
+        help="count files per key id; retire an older key no file needs",
+        description="Scan SOURCE (every envelope authenticated) and count the files under "
+        "each key of the keyring, legacy files, and files no key opens; list the key ids the "
+        "recorded key check accepts. With --retire ID, stop accepting the older key ID, "
+        "only if no file is under it (the keyring must hold it, so that they can be counted).",
+        epilog=f"Exit status: {OK} done; {ISSUES_FOUND} some files no key opens or cannot be "
+        f"read; {USAGE} usage or key error, or ID cannot be retired; {KEY_SAFETY} files still "
+        "need the key ID (not retired), or the key check cannot be read.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--retire", metavar="ID", help="retire the older key ID if no file needs it")
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
+    p.set_defaults(func=_keys)
     return parser
 
 

@@ -131,3 +131,57 @@ def test_make_rotate_keys(tmp_path: Path):
     assert "Re-encrypted now:         0" in proc.stdout
     usage = subprocess.run(["make", "-s", "-C", str(REPO), "rotate-keys"], capture_output=True)
     assert usage.returncode != 0
+
+
+def test_keys_counts_and_retires(tmp_path: Path):
+    k1, k2 = new_key(), new_key()
+    src = tmp_path / "src"
+    for i in range(3):
+        sealed(src / f"old{i}", k1, b"under key 1 " * i, "1")
+    write(src / "plain", b"legacy")
+    assert stormfs("check", str(src), key=k1).returncode == OK
+    ring = write_keyring(tmp_path / "keyring", {"1": k1})
+    env = {keys.ENV_KEY_ID: "2"}
+    with_ring = ("--keyring", ring)
+    assert stormfs("check", str(src), *with_ring, key=k2, env=env).returncode == OK
+
+    rc, report = run_json("keys", str(src), *with_ring, key=k2, env=env)
+    assert rc == OK
+    assert (report["key_ids"], report["legacy"], report["recorded"]) == ({"1": 3}, 1, ["2", "1"])
+    proc = run([*STORMFS, "keys", str(src), *with_ring], env={keys.ENV_KEY: k2, **env})
+    assert proc.stdout == (
+        f"Keys of {src} (current key id 2)\n"
+        "  key id 2  0 file(s) (current, accepted by the key check)\n"
+        "  key id 1  3 file(s) (accepted by the key check)\n"
+        "  legacy plaintext    1 file(s)\n"
+    )
+
+    proc = run(
+        [*STORMFS, "keys", str(src), *with_ring, "--retire", "1"], env={keys.ENV_KEY: k2, **env}
+    )
+    assert (proc.returncode, proc.stdout) == (KEY_SAFETY, "")
+    assert proc.stderr == (
+        f"stormfs: key id 1 is still needed by 3 file(s) in {src}: not retired "
+        "(re-encrypt them under the current key first: make rotate-keys)\n"
+    )
+    r = stormfs("keys", str(src), "--retire", "1", key=k2, env=env)
+    assert r.returncode == USAGE
+    assert r.stderr == (
+        "stormfs: cannot retire: key id 1 is not in the keyring: give it (--keyring), so that "
+        "the files still under it can be counted\n"
+    )
+    r = stormfs("keys", str(src), *with_ring, "--retire", "2", key=k2, env=env)
+    assert (r.returncode, r.stderr) == (
+        USAGE,
+        f"stormfs: cannot retire: key id 2 is the current key of {src}\n",
+    )
+    assert stormfs("check", str(src), key=k2, env=env).returncode == KEY_SAFETY  # 1 still needed
+
+    assert stormfs("rotate", str(src), "--force", *with_ring, key=k2, env=env).returncode == OK
+    rc, report = run_json("keys", str(src), *with_ring, "--retire", "1", key=k2, env=env)
+    assert rc == OK, report
+    assert (report["retired"], report["recorded"], report["key_ids"]) == ("1", ["2"], {"2": 3})
+    # Key 2 alone now starts, and key 1 alone is a mismatch.
+    assert stormfs("check", str(src), key=k2, env=env).returncode == OK
+    r = stormfs("check", str(src), key=k1)
+    assert r.returncode == KEY_SAFETY and r.stderr.startswith("FATAL: Encryption key mismatch")
