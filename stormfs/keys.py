@@ -6,7 +6,8 @@ line or an exception message.
 
 The keyring holds the current key (which seals new versions) and older keys
 from a keyring file, one ``KEY_ID KEY`` per line, which only open what they
-sealed.
+sealed.  `user_key` derives an account's key from a master key, as Storm
+Cloud's per-user mode (``server-user``) does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from . import format as fmt
 
 ENV_KEY = "STORMCLOUD_ENCRYPTION_KEY"
@@ -29,6 +33,9 @@ DEFAULT_KEY_ID = "1"
 ENV_CREDENTIALS = "CREDENTIALS_DIRECTORY"
 CREDENTIAL_NAME = "stormfs.key"
 KEYRING_CREDENTIAL_NAME = "stormfs.keyring"
+# Storm Cloud's per-user keys (ADR 010): HKDF-SHA256 of the master key.
+USER_KEY_SALT = b"stormcloud-user-key-v1"
+USER_KEY_INFO_PREFIX = b"user-"
 # A key file holds one base64url line; anything much larger is not a key.
 MAX_KEY_FILE_SIZE = 4096
 # A keyring file: a line per key, with comments; a few hundred keys at most.
@@ -80,6 +87,21 @@ def parse_key_id(text: str | None) -> str:
     if not _KEY_ID.fullmatch(key_id):
         raise InvalidKey(KEY_ID_RULE)
     return key_id
+
+
+def user_key(master: bytes, account: bytes) -> bytes:
+    """The key of the files under ``SOURCE/ACCOUNT/``:
+    ``HKDF-SHA256(master, length=32, salt=b"stormcloud-user-key-v1", info=b"user-" + ACCOUNT)``,
+    ACCOUNT the first path component under SOURCE."""
+    if not account or b"/" in account:
+        raise ValueError("an account is one non-empty path component")
+    hkdf = HKDF(
+        algorithm=SHA256(),
+        length=fmt.KEY_SIZE,
+        salt=USER_KEY_SALT,
+        info=USER_KEY_INFO_PREFIX + account,
+    )
+    return hkdf.derive(master)
 
 
 def generate_key() -> str:

@@ -4,6 +4,8 @@ and malformed keys refused without their text in the message."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 
 import pytest
@@ -350,3 +352,43 @@ def test_cli_refuses_a_malformed_keyring_with_exit_2(tmp_path):
         f"stormfs: keyring file {path} is readable by group or others (mode 0644); "
         f"restrict it with: chmod 600 {path}\n"
     )
+
+
+# -- per-user keys (Storm Cloud ADR 010) ------------------------------------
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 with the standard library's HMAC: an independent computation."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    okm, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
+
+
+def test_user_key_known_answers():
+    master = bytes(range(32))
+    assert keys.user_key(master, b"alice").hex() == (
+        "67639978568d6135ae82340d5fa29265606b7c20734e49c55ad247416652adc0"
+    )
+    assert keys.user_key(master, b"42").hex() == (
+        "fceec24bb961a819c79a305fe372c28fcc3b00dc0642e80f11df451e537f6d84"
+    )
+
+
+@pytest.mark.parametrize("account", [b"alice", b"42", b"a" * 200, "grüße".encode()])
+def test_user_key_is_hkdf_sha256_of_the_master(account):
+    master = material(new_key())
+    expect = hkdf_sha256(master, b"stormcloud-user-key-v1", b"user-" + account)
+    assert keys.user_key(master, account) == expect
+    assert len(expect) == 32 and expect != master
+
+
+def test_user_keys_differ_per_account_and_master():
+    a, b = material(new_key()), material(new_key())
+    assert keys.user_key(a, b"alice") != keys.user_key(a, b"bob")
+    assert keys.user_key(a, b"alice") != keys.user_key(b, b"alice")
+    for bad in (b"", b"alice/docs"):
+        with pytest.raises(ValueError):
+            keys.user_key(a, bad)
