@@ -52,7 +52,7 @@ def three_key_source(src: Path, k1: str, k2: str, k3: str) -> dict[str, tuple[st
         expect[rel] = (ids[key], data)
     write(src / "legacy.txt", b"legacy plaintext\n")
     expect["legacy.txt"] = (None, b"legacy plaintext\n")
-    sealed(src / "foreign", keys.generate_key(), b"under a key nobody has", "1")
+    sealed(src / "foreign", new_key(), b"under a key nobody has", "1")
     return expect
 
 
