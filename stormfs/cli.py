@@ -219,14 +219,19 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _print_audit(r: dict[str, Any]) -> None:
-    how = (
-        "headers only, tags not verified"
-        if r["quick"]
-        else f"every envelope verified under key id {r['key_id']}"
-    )
+    several = len(r["key_ids"]) > 1
+    if r["quick"]:
+        how = "headers only, tags not verified"
+    elif several:
+        how = f"every envelope verified under the keyring, current key id {r['key_id']}"
+    else:
+        how = f"every envelope verified under key id {r['key_id']}"
     print(f"Encryption audit of {r['source']} ({how})")
     print(f"  Files scanned:            {r['scanned']}")
     print(f"  Files already encrypted:  {r['encrypted']}")
+    if several:
+        per_key = ", ".join(f"key id {i}: {n}" for i, n in r["key_ids"].items())
+        print(f"    by key:                 {per_key}")
     print(f"  Files needing encryption: {r['needs_encryption']}")
     print(
         f"  Files with issues:        {r['issues']}"

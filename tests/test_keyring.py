@@ -16,7 +16,7 @@ from stormfs.exitcodes import ISSUES_FOUND
 from stormfs.store import Store
 
 from .keyscan import new_key
-from .trees import plain_decrypt, run_json, write
+from .trees import plain_decrypt, run_json, stormfs, write
 
 KEY_ID = "user.stormfs.key_id"
 
@@ -142,3 +142,17 @@ def test_the_opening_key_is_remembered_with_the_verdict(tmp_path, three_keys):
         second.close()
     finally:
         store.close()
+
+
+def test_audit_text_names_the_keys(tmp_path, three_keys):
+    k1, k2, k3 = three_keys
+    src = tmp_path / "src"
+    three_key_source(src, k1, k2, k3)
+    ring = write_keyring(tmp_path / "keyring", {"1": k1, "2": k2})
+    r = stormfs("audit", str(src), "--keyring", ring, key=k3, env={keys.ENV_KEY_ID: "3"})
+    assert r.returncode == ISSUES_FOUND
+    lines = r.stdout.splitlines()
+    assert lines[0] == (
+        f"Encryption audit of {src} (every envelope verified under the keyring, current key id 3)"
+    )
+    assert lines[3] == "    by key:                 key id 1: 3, key id 2: 2, key id 3: 1"
