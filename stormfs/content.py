@@ -5,7 +5,7 @@ after its tag has been verified once, then any range by AES-CTR.  A v1
 envelope does not say which key sealed it: the reader's `Authenticate`
 finds the key of the keyring that opens it.  Verdicts (the nonce and that
 key) are remembered per backing-file identity, so reopening an unchanged file
-reads it again under no key.
+reads none of it again, whichever key opens it.
 """
 
 from __future__ import annotations
