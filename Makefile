@@ -18,7 +18,7 @@ SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 
 .PHONY: help install system-packages demo test test-systemd stress lint format clean deploy bench bench-quick gocryptfs
-.PHONY: encrypt-audit encrypt-files
+.PHONY: encrypt-audit encrypt-files rotate-keys
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ encrypt-audit: install ## SOURCE=DIR: count files encrypted / needing encryption
 
 encrypt-files: install ## SOURCE=DIR: encrypt every legacy file in place, with progress (ARGS=--dry-run)
 	@tools/encrypt-files.sh "$(SOURCE)" $(ARGS)
+
+rotate-keys: install ## SOURCE=DIR: re-encrypt every file not under the current key (ARGS=--keyring FILE, --dry-run)
+	@tools/rotate-keys.sh "$(SOURCE)" $(ARGS)
 
 test: install ## run the whole test suite (mounts real filesystems; root and /dev/fuse)
 	$(PY) -m pytest -q

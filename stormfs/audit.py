@@ -26,9 +26,12 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
         return classify_path(os.path.join(root, entry.rel), keyring, quick=quick)
 
     counts: Counter[Status] = Counter()
+    by_key: Counter[str] = Counter()
     files: list[dict[str, str]] = []
     for entry, verdict in bounded_map(check, walk(root), workers=WORKERS):
         counts[verdict.status] += 1
+        if verdict.key is not None:
+            by_key[verdict.key.key_id] += 1
         if verdict.status is not Status.ENCRYPTED:
             files.append(
                 {
@@ -47,5 +50,6 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
         "issues": counts[Status.DECRYPTION_FAILED] + counts[Status.UNREADABLE],
         "decryption_failed": counts[Status.DECRYPTION_FAILED],
         "unreadable": counts[Status.UNREADABLE],
+        "key_ids": dict(sorted(by_key.items())),
         "files": files,
     }

@@ -1,6 +1,6 @@
 """The `stormfs` command: every parser, message, progress bar and exit code.
 
-The engines (`keycheck`, `audit`, `encrypt`) return verdicts and reports;
+The engines (`keycheck`, `audit`, `encrypt`, `keyuse`) return verdicts and reports;
 this module prints them and picks the exit status.
 """
 
@@ -20,6 +20,7 @@ from .audit import audit
 from .daemon import MountError, MountOptions, check_paths, serve
 from .encrypt import DEFAULT_JOBS, Busy, dry_run, encrypt
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, MOUNT_FAILED, OK, USAGE, WORK_TO_DO
+from .keyuse import StillNeeded, census, retire
 from .pipeline import Done, Outcome
 from .plan import Job
 from .progress import Progress
@@ -28,7 +29,7 @@ from .units import human_bytes, human_duration
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "check", "keygen", "audit", "encrypt")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt", "rotate", "keys")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -58,10 +59,10 @@ def preflight_or_refuse(
     return verdict.mode
 
 
-def _load_keyring(key_file: str | None) -> keys.Keyring | int | None:
+def _load_keyring(key_file: str | None, keyring_file: str | None) -> keys.Keyring | int | None:
     """The keyring the options and environment give, or USAGE (said why) if malformed."""
     try:
-        return keys.load_keyring(key_file=key_file, environ=os.environ)
+        return keys.load_keyring(key_file=key_file, keyring_file=keyring_file, environ=os.environ)
     except keys.InvalidKey as e:
         _err(str(e))
         return USAGE
@@ -95,7 +96,7 @@ def _mount(args: argparse.Namespace) -> int:
         return USAGE
     # Before the key is read: no core dump may ever hold it (or plaintext).
     hygiene.disable_core_dumps()
-    keyring = _load_keyring(args.key_file or opts.key_file)
+    keyring = _load_keyring(args.key_file or opts.key_file, args.keyring or opts.keyring)
     if isinstance(keyring, int):
         return keyring
     hygiene.scrub_key_environment()
@@ -168,7 +169,7 @@ def _notify_ready(mountpoint: str) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     """Load the key as the mount would and run the safety checks, nothing more."""
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     mode = preflight_or_refuse(args.source, keyring, echo=print)
@@ -198,7 +199,7 @@ def _audit(args: argparse.Namespace) -> int:
     source = _source_dir(args.source)
     if source is None:
         return USAGE
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     if keyring is None and not args.quick:
@@ -218,14 +219,19 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _print_audit(r: dict[str, Any]) -> None:
-    how = (
-        "headers only, tags not verified"
-        if r["quick"]
-        else f"every envelope verified under key id {r['key_id']}"
-    )
+    several = len(r["key_ids"]) > 1
+    if r["quick"]:
+        how = "headers only, tags not verified"
+    elif several:
+        how = f"every envelope verified under the keyring, current key id {r['key_id']}"
+    else:
+        how = f"every envelope verified under key id {r['key_id']}"
     print(f"Encryption audit of {r['source']} ({how})")
     print(f"  Files scanned:            {r['scanned']}")
     print(f"  Files already encrypted:  {r['encrypted']}")
+    if several:
+        per_key = ", ".join(f"key id {i}: {n}" for i, n in r["key_ids"].items())
+        print(f"    by key:                 {per_key}")
     print(f"  Files needing encryption: {r['needs_encryption']}")
     print(
         f"  Files with issues:        {r['issues']}"
@@ -277,7 +283,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     source = _source_dir(args.source)
     if source is None:
         return USAGE
-    keyring = _load_keyring(args.key_file)
+    keyring = _load_keyring(args.key_file, args.keyring)
     if isinstance(keyring, int):
         return keyring
     if keyring is None:
@@ -339,6 +345,154 @@ def _print_encrypt(r: dict[str, Any]) -> None:
             print(f"{f['status']}  {f['path']}: {f['detail']}")
 
 
+def _keyring_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keyring",
+        metavar="PATH",
+        help="file of older keys, one KEY_ID KEY per line (mode 0600; default: the "
+        f"credential $CREDENTIALS_DIRECTORY/{keys.KEYRING_CREDENTIAL_NAME})",
+    )
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    if not args.force and not args.dry_run:
+        _err(
+            "rotate rewrites every file not under the current key: add --force to do it, "
+            "or --dry-run to see what it would do"
+        )
+        return USAGE
+    if args.jobs < 1:
+        _err("--jobs must be at least 1")
+        return USAGE
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file, args.keyring)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None:
+        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file")
+        return USAGE
+    root = os.fsencode(source)
+    legacy = args.include_legacy
+    if args.dry_run:
+        report = dry_run(root, keyring.current, args.jobs, keyring, include_legacy=legacy)
+    else:
+        refused = preflight_or_refuse(source, keyring, echo=_stderr)
+        if isinstance(refused, int):
+            return refused
+        progress = _EncryptProgress(sys.stderr, label="rotate")
+        try:
+            report = encrypt(
+                root, keyring.current, args.jobs, progress, keyring, include_legacy=legacy
+            )
+        except Busy:
+            _err(f"another stormfs encrypt or rotate is running on {source}")
+            return BUSY
+    report["include_legacy"] = legacy
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_rotate(report)
+    if report["errors"]:
+        return ISSUES_FOUND
+    return WORK_TO_DO if report["would_encrypt"] else OK
+
+
+def _print_rotate(r: dict[str, Any]) -> None:
+    if r["dry_run"]:
+        for f in r["files"]:
+            if f["status"] in ("needs_rotation", "needs_encryption"):
+                print(f"would re-encrypt  {f['path']}: {f['detail']}")
+    what = "Dry run of the rotation" if r["dry_run"] else "Rotation"
+    print(f"\n{what} of {r['source']} to key id {r['key_id']}")
+    print(f"  Files scanned:            {r['scanned']}")
+    print(f"  Under the current key:    {r['already_encrypted']}")
+    olds = ", ".join(f"key id {i}: {n}" for i, n in r["from_key_ids"].items())
+    if r["dry_run"]:
+        print(f"  Would re-encrypt:         {r['would_encrypt']}" + (f" ({olds})" if olds else ""))
+    else:
+        rate = r["bytes_encrypted"] / r["seconds"] if r["seconds"] else 0
+        print(
+            f"  Re-encrypted now:         {r['encrypted_now']} "
+            f"({human_bytes(r['bytes_encrypted'])} in {human_duration(r['seconds'])}, "
+            f"{human_bytes(rate)}/s)"
+        )
+    if r["legacy_left"]:
+        print(f"  Legacy files left:        {r['legacy_left']} (--include-legacy encrypts them)")
+    print(f"  Errors:                   {r['errors']}")
+    if r["stale_temp_files"]:
+        verb = "to remove" if r["dry_run"] else "removed"
+        print(f"  Stale temporary files {verb}: {r['stale_temp_files']}")
+    done = ("encrypted", "needs_encryption", "needs_rotation", "vanished")
+    for f in r["files"]:
+        if f["status"] not in done:
+            print(f"{f['status']}  {f['path']}: {f['detail']}")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    source = _source_dir(args.source)
+    if source is None:
+        return USAGE
+    keyring = _load_keyring(args.key_file, args.keyring)
+    if isinstance(keyring, int):
+        return keyring
+    if keyring is None:
+        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file (and --keyring)")
+        return USAGE
+    root = os.fsencode(source)
+    try:
+        report = (
+            census(root, keyring) if args.retire is None else retire(root, keyring, args.retire)
+        )
+    except keycheck.SafetyError as e:
+        _stderr(e.message)
+        return KEY_SAFETY
+    except keycheck.NotRetirable as e:
+        _err(f"cannot retire: {e}")
+        return USAGE
+    except StillNeeded as e:
+        _err(
+            f"key id {e.key_id} is still needed by {e.files} file(s) in {source}: not retired "
+            "(re-encrypt them under the current key first: make rotate-keys)"
+        )
+        return KEY_SAFETY
+    except OSError as e:
+        _err(f"cannot retire the key: {e.strerror or e}")
+        return USAGE
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_keys(report)
+    return ISSUES_FOUND if report["decryption_failed"] or report["unreadable"] else OK
+
+
+def _print_keys(r: dict[str, Any]) -> None:
+    print(f"Keys of {r['source']} (current key id {r['current_key_id']})")
+    ids = dict.fromkeys([r["current_key_id"], *r["recorded"], *r["key_ids"]])
+    width = max(len(i) for i in ids)
+    for key_id in ids:
+        notes = []
+        if key_id == r["current_key_id"]:
+            notes.append("current")
+        if key_id in r["recorded"]:
+            notes.append("accepted by the key check")
+        note = f" ({', '.join(notes)})" if notes else ""
+        print(f"  key id {key_id:<{width}}  {r['key_ids'].get(key_id, 0)} file(s){note}")
+    print(f"  legacy plaintext    {r['legacy']} file(s)")
+    if r["decryption_failed"] or r["unreadable"]:
+        print(
+            f"  with issues         {r['decryption_failed'] + r['unreadable']} file(s) "
+            f"(decryption_failed {r['decryption_failed']}, unreadable {r['unreadable']})"
+        )
+        for f in r["files"]:
+            print(f"{f['status']}  {f['path']}: {f['detail']}")
+    if r["retired"] is not None:
+        print(
+            f"Retired key id {r['retired']}: no file needs it; the key check no longer accepts it."
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stormfs",
@@ -359,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"${keys.ENV_KEY}; its id from ${keys.ENV_KEY_ID} (default 1).",
         epilog="Mount options (-o, comma-separated): allow_other, allow_root, "
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
-        "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
+        "key_file=PATH, keyring=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
         "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
@@ -370,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-o", dest="options", action="append", metavar="OPT[,OPT...]")
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.add_argument(
         "--log-file",
         metavar="PATH",
@@ -387,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE", help="the storage directory")
     p.add_argument("--key-file", metavar="PATH", help="read the key from PATH (mode 0600)")
+    _keyring_option(p)
     p.set_defaults(func=_check)
 
     p = sub.add_parser("keygen", help="print a new random key (base64url, 32 bytes)")
@@ -412,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify from file headers only, without verifying tags (no key needed)",
     )
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.set_defaults(func=_audit)
 
     p = sub.add_parser(
@@ -434,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
     p.add_argument(
         "--jobs",
         type=int,
@@ -442,6 +600,56 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=_encrypt)
+
+    p = sub.add_parser(
+        "rotate",
+        help="re-encrypt every file not under the current key, in place (needs --force)",
+        description="Seal every envelope in SOURCE that an older key of the keyring opens "
+        "again under the current key (and with --include-legacy every legacy plaintext "
+        "file too), in place and atomically, as encrypt does: safe while SOURCE is mounted "
+        "and in use, resumable after an interruption. Files that no key opens are reported "
+        "and left as they are. The current key comes from --key-file or "
+        f"${keys.ENV_KEY} (its id from ${keys.ENV_KEY_ID}), older keys from --keyring.",
+        epilog=f"Exit status: {OK} done, nothing left; {WORK_TO_DO} (--dry-run) files would be "
+        f"re-encrypted; {ISSUES_FOUND} some files could not be; {USAGE} usage or key error; "
+        f"{KEY_SAFETY} key safety check refused; {BUSY} another encrypt or rotate is "
+        "running on SOURCE.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--force", action="store_true", help="really rewrite the files")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument(
+        "--include-legacy", action="store_true", help="encrypt legacy plaintext files too"
+    )
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"files sealed at once (default {DEFAULT_JOBS})",
+    )
+    p.set_defaults(func=_rotate)
+
+    p = sub.add_parser(
+        "keys",
+        help="count files per key id; retire an older key no file needs",
+        description="Scan SOURCE (every envelope authenticated) and count the files under "
+        "each key of the keyring, legacy files, and files no key opens; list the key ids the "
+        "recorded key check accepts. With --retire ID, stop accepting the older key ID, "
+        "only if no file is under it (the keyring must hold it, so that they can be counted).",
+        epilog=f"Exit status: {OK} done; {ISSUES_FOUND} some files no key opens or cannot be "
+        f"read; {USAGE} usage or key error, or ID cannot be retired; {KEY_SAFETY} files still "
+        "need the key ID (not retired), or the key check cannot be read.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--retire", metavar="ID", help="retire the older key ID if no file needs it")
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
+    p.set_defaults(func=_keys)
     return parser
 
 

@@ -2,9 +2,11 @@
 
 A reader serves plaintext byte ranges: a legacy file as-is; a v1 envelope only
 after its tag has been verified once, then any range by AES-CTR; a v2 file
-chunk by chunk, each read verifying only the chunks it covers.  v1 verdicts
-are remembered per backing-file identity, so reopening an unchanged file does
-not read it again.
+chunk by chunk, each read verifying only the chunks it covers.  A v1 envelope
+does not say which key sealed it: the reader's `Authenticate` finds the key of
+the keyring that opens it.  v1 verdicts (the nonce and that key) are
+remembered per backing-file identity, so reopening an unchanged file reads none
+of it again, whichever key opens it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple, Protocol
 
 from . import format as fmt
 from . import format_v2 as v2
+from .keys import Key
 
 log = logging.getLogger(__name__)
 
@@ -75,46 +78,78 @@ class PlainReader:
         os.close(self.fd)
 
 
-FAILED = b""  # a remembered verdict: the envelope does not authenticate
+class Opened(NamedTuple):
+    """An envelope whose tag verified: its nonce, and the key that opened it."""
+
+    nonce: bytes
+    key: Key
+
+
+FAILED = "failed"  # a remembered verdict: the envelope does not authenticate under any key
+
+# (descriptor, envelope size) -> the nonce and key that open it, or None.
+Authenticate = Callable[[int, int], Opened | None]
 
 
 class Verdicts:
-    """Backing-file identity -> nonce of an envelope whose tag verified, or FAILED."""
+    """Backing-file identity -> the `Opened` of an envelope whose tag verified, or FAILED.
 
-    def __init__(self, capacity: int = 65536) -> None:
+    `only_key` is the key of a keyring that has one: a verdict recorded without
+    its key can only be under that one.
+    """
+
+    def __init__(self, capacity: int = 65536, *, only_key: Key | None = None) -> None:
         self._cache: LRU = LRU(capacity)
+        self._only_key = only_key
 
-    def get(self, ident: Identity) -> bytes | None:
-        """The remembered nonce, FAILED, or None when this file was never verified."""
+    def get(self, ident: Identity) -> Opened | str | None:
+        """The remembered verdict, FAILED, or None when this file was never verified."""
         return self._cache.get(ident)
 
-    def put(self, ident: Identity, nonce: bytes) -> None:
-        self._cache.put(ident, nonce)
+    def put(self, ident: Identity, nonce: bytes, key: Key | None = None) -> None:
+        """Remember that the file `ident` authenticates, with `nonce`, under `key`.
+
+        Without `key` (and with several keys), nothing is remembered: which key
+        opens the file is found again at its next open.
+        """
+        key = key or self._only_key
+        if key is not None:
+            self._cache.put(ident, Opened(nonce, key))
+
+    def fail(self, ident: Identity) -> None:
+        self._cache.put(ident, FAILED)
 
 
 class EnvelopeReader:
-    """A v1 envelope: verified (streaming, bounded memory) before the first byte is served."""
+    """A v1 envelope: verified (streaming, bounded memory) before the first byte is served.
+
+    `opened` is given for an envelope this process just sealed; otherwise
+    `authenticate` finds the key that opens it.  `key` is that key once known
+    (it stays when `refresh` finds the content unchanged).
+    """
 
     def __init__(
         self,
         fd: int,
-        key: bytes,
+        authenticate: Authenticate,
         verdicts: Verdicts,
         name: str,
         *,
-        nonce: bytes | None = None,
+        opened: Opened | None = None,
         st: os.stat_result | None = None,
     ) -> None:
         self.fd = fd
-        self.key = key
+        self.authenticate = authenticate
         self.verdicts = verdicts
         self.name = name
         st = st or os.fstat(fd)
         self.ident = Identity.of(st)
         self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
-        self.nonce = nonce
-        if nonce is not None:
-            verdicts.put(self.ident, nonce)
+        self.nonce: bytes | None = None
+        self.key: Key | None = None
+        if opened is not None:
+            self.nonce, self.key = opened
+            verdicts.put(self.ident, *opened)
 
     def refresh(self) -> None:
         """Take the file as it is now, unverified (after a change of its metadata, say)."""
@@ -125,13 +160,14 @@ class EnvelopeReader:
             self.size = fmt.plaintext_size(st.st_size, fmt.Kind.ENCRYPTED)
             self.nonce = None
 
-    def verify(self) -> bytes:
-        if self.nonce is not None:
-            return self.nonce
+    def verify(self) -> tuple[bytes, Key]:
+        """The nonce and key of the envelope, verified once; DecryptionFailed if no key opens it."""
+        if self.nonce is not None and self.key is not None:
+            return self.nonce, self.key
         known = self.verdicts.get(self.ident)
         if known == FAILED:
             raise fmt.DecryptionFailed(self.name)
-        if known is None:
+        if not isinstance(known, Opened):
             for _ in range(3):
                 known = self._verify_once()
                 now = Identity.of(os.fstat(self.fd))
@@ -143,29 +179,29 @@ class EnvelopeReader:
                 self.size = fmt.plaintext_size(now.size, fmt.Kind.ENCRYPTED)
             else:
                 raise OSError(errno.EIO, "backing file keeps changing while it is verified")
-            self.verdicts.put(self.ident, known)
-        self.nonce = known
+            self.verdicts.put(self.ident, *known)
+        self.nonce, self.key = known
         return known
 
-    def _verify_once(self) -> bytes:
-        try:
-            return fmt.verify_stream(self.key, pread_stream(self.fd), self.ident.size)
-        except fmt.DecryptionFailed:
-            self.verdicts.put(self.ident, FAILED)
+    def _verify_once(self) -> Opened:
+        opened = self.authenticate(self.fd, self.ident.size)
+        if opened is None:
+            self.verdicts.fail(self.ident)
             log.error("DECRYPTION_FAILED: %s", self.name)
-            raise fmt.DecryptionFailed(self.name) from None
+            raise fmt.DecryptionFailed(self.name)
+        return opened
 
     def read(self, offset: int, n: int) -> bytes:
         # Bytes read from a file that changed after it was verified are not
         # authenticated: when the identity moved, verify again and reread.
         for _ in range(3):
-            nonce = self.verify()
+            nonce, key = self.verify()
             want = max(0, min(n, self.size - offset))
             if want == 0:
                 return b""
             ct = os.pread(self.fd, want, fmt.HEADER_SIZE + offset)
             if len(ct) == want and Identity.of(os.fstat(self.fd)) == self.ident:
-                return fmt.decrypt_range(self.key, nonce, offset, ct)
+                return fmt.decrypt_range(key.material, nonce, offset, ct)
             self.refresh()
         raise OSError(errno.EIO, "backing file keeps changing while read")
 

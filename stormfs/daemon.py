@@ -57,6 +57,7 @@ class MountError(Exception):
 class MountOptions:
     fuse: set[str] = field(default_factory=set)
     key_file: str | None = None
+    keyring: str | None = None
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     # FUSE mounts get the kernel's default 128 KiB readahead: every 128 KiB of a
@@ -78,6 +79,8 @@ class MountOptions:
                     opts.metadata_threads = True
                 elif name == "key_file" and value:
                     opts.key_file = value
+                elif name == "keyring" and value:
+                    opts.keyring = value
                 elif name in ("entry_timeout", "attr_timeout") and value:
                     try:
                         seconds = float(value)
@@ -135,7 +138,7 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
     os.umask(0)
-    store = Store(source, keyring.current if keyring else None)
+    store = Store(source, keyring)
     try:
         ops = Operations(
             store,

@@ -1,8 +1,11 @@
-"""`stormfs encrypt`: turn every legacy plaintext file of SOURCE into a v1 envelope, in place.
+"""`stormfs encrypt` and `stormfs rotate`: seal files of SOURCE into v1 envelopes, in place.
 
-The engine: it plans (`plan`), finishes what a killed run left (`journal`),
-runs the pipeline (`pipeline`) with retries, and returns the report that
-``--json`` prints.  It prints nothing; progress goes through `Progress`.
+`encrypt` turns every legacy plaintext file into an envelope under the key;
+`rotate` (given the keyring) seals every envelope under an older key again
+under the current key, and legacy files too if asked.  One engine: it plans
+(`plan`), finishes what a killed run left (`journal`), runs the pipeline
+(`pipeline`) with retries, and returns the report that ``--json`` prints.
+It prints nothing; progress goes through `Progress`.
 
 A file that changed, or was open for writing, is tried again after the
 others, then reported and left as it is.  Crash safety: a run killed at any
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from .journal import STATE_SUBDIR, recover_journals
-from .keys import Key
+from .keys import Key, Keyring
 from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome
 from .plan import Job, Plan, plan
 from .scan import display
@@ -37,7 +40,7 @@ RETRYABLE = ("changed", "busy", "hard_links")
 
 
 class Busy(Exception):
-    """Another `stormfs encrypt` holds the lock of this SOURCE."""
+    """Another `stormfs encrypt` or `stormfs rotate` holds the lock of this SOURCE."""
 
 
 class Progress(Protocol):
@@ -54,18 +57,37 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-def dry_run(root: bytes, key: Key, workers: int) -> dict[str, Any]:
-    """What a run would do, changing nothing."""
-    p = plan(root, workers)
+def dry_run(
+    root: bytes,
+    key: Key,
+    workers: int,
+    keyring: Keyring | None = None,
+    *,
+    include_legacy: bool = True,
+) -> dict[str, Any]:
+    """What a run would do, changing nothing (a rotation when `keyring` is given)."""
+    p = plan(root, workers, keyring, include_legacy=include_legacy)
     return _report(root, key, p, [], 0.0, stale=len(p.stale), dry_run=True)
 
 
-def encrypt(root: bytes, key: Key, workers: int, progress: Progress) -> dict[str, Any]:
-    """Encrypt every legacy file; raises Busy if another run holds SOURCE."""
+def encrypt(
+    root: bytes,
+    key: Key,
+    workers: int,
+    progress: Progress,
+    keyring: Keyring | None = None,
+    *,
+    include_legacy: bool = True,
+) -> dict[str, Any]:
+    """Encrypt every legacy file, or with `keyring` (whose current key is `key`) rotate
+    every envelope under an older key, and legacy files if `include_legacy`.
+
+    Raises Busy if another run holds SOURCE.
+    """
     with _exclusive(root) as state_fd:
         if state_fd is None:
             raise Busy(os.fsdecode(root))
-        return _encrypt_all(root, key, workers, progress, state_fd)
+        return _encrypt_all(root, key, workers, progress, state_fd, keyring, include_legacy)
 
 
 @contextlib.contextmanager
@@ -86,7 +108,13 @@ def _exclusive(root: bytes) -> Iterator[int | None]:
 
 
 def _encrypt_all(
-    root: bytes, key: Key, workers: int, progress: Progress, state_fd: int
+    root: bytes,
+    key: Key,
+    workers: int,
+    progress: Progress,
+    state_fd: int,
+    keyring: Keyring | None,
+    include_legacy: bool,
 ) -> dict[str, Any]:
     # A lease break is announced with SIGIO, whose default action kills the
     # process; the break itself is seen by polling F_GETLEASE.
@@ -97,7 +125,8 @@ def _encrypt_all(
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     started = time.monotonic()
     problems, keep_holds = recover_journals(root, state_fd)
-    p = plan(root, workers)
+    # The pipeline authenticates what it seals again: recorded key ids save a read.
+    p = plan(root, workers, keyring, include_legacy=include_legacy, hints=True)
     p.problems[:0] = problems
     removed = 0
     for rel in p.stale:
@@ -107,7 +136,7 @@ def _encrypt_all(
             os.unlink(os.path.join(root, rel))
             removed += 1
     progress.start(len(p.jobs), sum(j.size for j in p.jobs))
-    migrator = Migrator(root, key, progress.advance, state_fd)
+    migrator = Migrator(root, key, progress.advance, state_fd, keyring)
     results: list[tuple[Job, Outcome]] = []
     queue = p.jobs
     for attempt in range(ATTEMPTS):
@@ -148,10 +177,19 @@ def _report(
     if dry_run:
         for job in p.jobs:
             for n in job.names:
-                detail = f"legacy plaintext ({job.size} bytes)"
+                if job.key is not None:
+                    detail = f"under key id {job.key.key_id} ({job.size} bytes)"
+                    status = "needs_rotation"
+                else:
+                    detail = f"legacy plaintext ({job.size} bytes)"
+                    status = "needs_encryption"
                 if n in p.sparse:
                     detail += "; sparse: will take its full size on disk"
-                files.append({"path": display(n), "status": "needs_encryption", "detail": detail})
+                files.append({"path": display(n), "status": status, "detail": detail})
+    from_keys: Counter[str] = Counter()
+    for job in p.jobs:
+        if job.key is not None:
+            from_keys[job.key.key_id] += len(job.names)
     for job, o in results:
         count[o.status] += 1
         nbytes += o.nbytes
@@ -173,6 +211,8 @@ def _report(
         "bytes_encrypted": nbytes,
         "sparse_grown": sparse_grown,
         "stale_temp_files": stale,
+        "legacy_left": p.legacy_left,
+        "from_key_ids": dict(sorted(from_keys.items())),
         "seconds": round(seconds, 3),
         "files": sorted(files, key=lambda f: f["path"]),
     }

@@ -1,4 +1,5 @@
-"""The pipeline of `stormfs encrypt`: seal legacy files beside their names, swap them in by batches.
+"""The pipeline of `stormfs encrypt` and `stormfs rotate`: seal files beside their names,
+swap them in by batches.
 
 For one file (one inode):
 
@@ -21,6 +22,14 @@ For one file (one inode):
 The authentication in step 2 proves the copy decrypts to the bytes that were
 read: the tag covers every ciphertext byte, and the ciphertext is those bytes
 under AES-CTR.
+
+A rotation's job is an envelope under an older key (`Job.key`): step 2
+decrypts it while sealing, and the copy is kept only if the original's tag
+verifies under that key at the end (the unverified plaintext only ever lands
+in the new envelope, hidden, which is then dropped).  An original that no
+longer opens under that key is classified again: under the current key it
+is done, under another key it is tried again with that one, under none it is
+reported DECRYPTION_FAILED and left as it is.
 """
 
 from __future__ import annotations
@@ -38,14 +47,25 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 from . import format as fmt
 from . import swap
 from .content import Identity, pread_stream
 from .journal import write_journal
-from .keys import Key
+from .keys import Key, Keyring
 from .plan import TMP_PREFIX, Job
-from .scan import describe, header_kind
-from .source import KEY_ID_XATTR, copy_metadata, open_dir, open_readonly, pwrite_all, syncfs
+from .scan import authenticate, describe, header_kind
+from .source import (
+    KEY_ID_XATTR,
+    copy_metadata,
+    open_dir,
+    open_readonly,
+    pwrite_all,
+    recorded_key_id,
+    syncfs,
+)
 from .swap import Retry, ino, lease_intact, put_back, take_lease
 from .units import human_bytes
 
@@ -59,6 +79,10 @@ BATCH_AGE = 2.0
 FDS_PER_FILE = 2
 # How often files waiting in a batch are checked for a writer waiting on them.
 POLL = 0.5
+NO_KEY_OPENS = (
+    "DECRYPTION_FAILED: no key of the keyring opens it "
+    "(wrong key, damaged or truncated, or plaintext starting with 0x01); left as is"
+)
 
 
 class Done(enum.Enum):
@@ -103,6 +127,10 @@ class Sealed:
         return self.writer_waiting() or Identity.of(os.fstat(self.fd)) != Identity.of(self.st)
 
 
+class _NotUnderKey(Exception):
+    """The original did not authenticate under the key its job named."""
+
+
 class Migrator:
     """Seals files in worker threads; swaps them in by batches, with one sync per batch.
 
@@ -110,13 +138,22 @@ class Migrator:
     directory: one sync makes a whole batch of envelopes (and journals) durable
     before any of them is swapped in, a second makes the swaps durable before
     the originals are unlinked.  Same guarantees, a fraction of the flushes.
+
+    `keyring` (a rotation) opens envelopes met meanwhile; without it, an
+    envelope found where a legacy file was planned is simply done.
     """
 
     def __init__(
-        self, root: bytes, key: Key, advance: Callable[[int], None], state_fd: int
+        self,
+        root: bytes,
+        key: Key,
+        advance: Callable[[int], None],
+        state_fd: int,
+        keyring: Keyring | None = None,
     ) -> None:
         self.root = root
         self.key = key
+        self.keyring = keyring
         self.advance = advance  # bytes read (negative: an attempt dropped)
         self.state_fd = state_fd
         self.run_id = secrets.token_hex(4).encode()
@@ -226,15 +263,39 @@ class Migrator:
             if st.st_nlink != len(job.names) and (st.st_nlink > 1 or len(job.names) > 1):
                 raise Retry("hard_links", "its hard links changed during the run")
             leased = take_lease(fd)
-            if header_kind(fd, st) is fmt.Kind.ENCRYPTED:
+            kind = header_kind(fd, st)
+            if kind is fmt.Kind.PLAINTEXT and job.key is not None:
+                raise Retry("changed", "replaced by a plaintext file during the run")
+            if kind is fmt.Kind.ENCRYPTED and job.key is None:
+                outcome = self._reclassify(job, fd, st)
                 _close_all(fd, dirs)
-                return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
+                return outcome
             for rel in job.names:
                 dirs.append(self._open_dir(rel))
-            return self._seal_beside(job, fd, st, leased, dirs, counted)
+            try:
+                return self._seal_beside(job, fd, st, leased, dirs, counted)
+            except _NotUnderKey:
+                self.advance(-counted[0])
+                counted[0] = 0
+                outcome = self._reclassify(job, fd, st)
+            _close_all(fd, dirs)
+            return outcome
         except BaseException:
             _close_all(fd, dirs)
             raise
+
+    def _reclassify(self, job: Job, fd: int, st: os.stat_result) -> Outcome:
+        """An envelope that is not what its job said: done if under the current key, tried
+        again under the key that opens it (raising Retry), or reported if none does."""
+        if self.keyring is None:
+            return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
+        opened = authenticate(fd, st.st_size, self.keyring, recorded_key_id(fd))
+        if opened is None:
+            return Outcome(None, "decryption_failed", NO_KEY_OPENS)
+        if opened.key.key_id == self.key.key_id:
+            return Outcome(Done.ALREADY, "already", "under the current key meanwhile")
+        job.key = opened.key
+        raise Retry("changed", f"found under key id {opened.key.key_id}; try again")
 
     def _open_dir(self, rel: bytes) -> int:
         return open_dir(os.path.join(self.root, os.path.dirname(rel)))
@@ -257,8 +318,12 @@ class Migrator:
             dir_fd=dirs[0],
         )
         try:
-            nonce, tag = self._seal(fd, out, st, leased, counted)
-            self._verify(out, nonce, tag, st.st_size)
+            if job.key is None:
+                nonce, tag = self._seal(fd, out, st, leased, counted)
+                self._verify(out, nonce, tag, st.st_size)
+            else:
+                nonce, tag = self._reseal(fd, out, st, leased, counted, job.key)
+                self._verify(out, nonce, tag, st.st_size - fmt.OVERHEAD)
             copy_metadata(os.path.join(self.root, job.names[0]), st, out)
             os.setxattr(out, KEY_ID_XATTR, self.key.key_id.encode())
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -293,6 +358,48 @@ class Migrator:
                 raise Retry("changed", "opened for writing while being encrypted")
         if off != st.st_size:
             raise Retry("changed", "changed while being encrypted")
+        tag = sealer.finalize()
+        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
+        return sealer.nonce, tag
+
+    def _reseal(
+        self,
+        fd: int,
+        out: int,
+        st: os.stat_result,
+        leased: bool,
+        counted: list[int],
+        key: Key,
+    ) -> tuple[bytes, bytes]:
+        """Decrypt the envelope `fd` under `key` into a new one under the current key, in
+        one pass; _NotUnderKey unless the original's tag verifies at the end."""
+        head = os.pread(fd, fmt.HEADER_SIZE, 0)
+        if len(head) != fmt.HEADER_SIZE or head[:1] != fmt.VERSION_BYTE:
+            raise Retry("changed", "changed while being re-encrypted")
+        opener = Cipher(algorithms.AES(key.material), modes.GCM(head[1:])).decryptor()
+        sealer = fmt.Sealer(self.key.material)
+        pwrite_all(out, sealer.header, 0)
+        plain_size = st.st_size - fmt.OVERHEAD
+        off = 0
+        while off < plain_size:
+            data = os.pread(fd, min(CHUNK, plain_size - off), fmt.HEADER_SIZE + off)
+            if not data:
+                raise Retry("changed", "changed while being re-encrypted")
+            pwrite_all(out, sealer.update(opener.update(data)), fmt.HEADER_SIZE + off)
+            off += len(data)
+            counted[0] += len(data)
+            self.advance(len(data))
+            if leased and not lease_intact(fd):
+                raise Retry("changed", "opened for writing while being re-encrypted")
+        old_tag = os.pread(fd, fmt.TAG_SIZE, fmt.HEADER_SIZE + plain_size)
+        if len(old_tag) != fmt.TAG_SIZE or os.fstat(fd).st_size != st.st_size:
+            raise Retry("changed", "changed while being re-encrypted")
+        try:
+            opener.finalize_with_tag(old_tag)
+        except InvalidTag:
+            raise _NotUnderKey from None
+        counted[0] += fmt.OVERHEAD  # the job's size is the envelope's
+        self.advance(fmt.OVERHEAD)
         tag = sealer.finalize()
         pwrite_all(out, tag, fmt.HEADER_SIZE + off)
         return sealer.nonce, tag
@@ -383,6 +490,8 @@ class Migrator:
         self._reaper.submit(self._release, s)
         st, t_st = s.st, s.t_st
         detail = f"{st.st_size} bytes"
+        if s.job.key is not None:
+            detail += f", from key id {s.job.key.key_id} to {self.key.key_id}"
         growth = 0
         if st.st_blocks * 512 < st.st_size:
             growth = max(0, (t_st.st_blocks - st.st_blocks) * 512)

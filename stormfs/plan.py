@@ -1,9 +1,12 @@
-"""What `stormfs encrypt` has to do: the legacy files of SOURCE, grouped by inode.
+"""What `stormfs encrypt` or `stormfs rotate` has to do: the files of SOURCE to seal, by inode.
 
-One walk (`scan.walk`), each file classified by its header (`scan.kind_of`):
-envelopes are already done, unreadable files and hard links leading outside
-SOURCE are problems to report, and sealed copies a killed run left behind
-(``.stormfs-tmp-enc-*``) are stale.
+One walk (`scan.walk`).  For `encrypt` each file is classified by its header
+(`scan.kind_of`): envelopes are already done.  For `rotate` (a keyring given)
+each envelope is also told which key opens it: those under the current key
+are done, those under an older key are to be sealed again, those no key
+opens are problems, and legacy files are sealed only when asked.  Unreadable
+files and hard links leading outside SOURCE are problems to report, and
+sealed copies a killed run left behind (``.stormfs-tmp-enc-*``) are stale.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from . import format as fmt
-from .scan import Entry, bounded_map, describe, kind_of, walk
-from .source import LOCAL_TMP_PREFIX
+from .keys import Key, Keyring
+from .scan import Entry, Status, Verdict, bounded_map, classify_path, describe, kind_of, walk
+from .source import LOCAL_TMP_PREFIX, recorded_key_id
 from .swap import ino
 
 # The name of a sealed copy beside its original, until it is swapped in.
@@ -23,10 +27,14 @@ TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 
 @dataclass
 class Job:
-    """One inode to encrypt and every name it has in SOURCE (relative paths)."""
+    """One inode to seal and every name it has in SOURCE (relative paths).
+
+    `key` opens it, for an envelope under an older key; None for legacy plaintext.
+    """
 
     names: list[bytes]
     size: int
+    key: Key | None = None
 
 
 @dataclass
@@ -39,45 +47,62 @@ class Plan:
     problems: list[tuple[bytes, str, str]] = field(default_factory=list)
     stale: list[bytes] = field(default_factory=list)
     sparse: set[bytes] = field(default_factory=set)
+    legacy_left: int = 0  # legacy files a rotation leaves as they are
 
 
-def plan(root: bytes, workers: int) -> Plan:
-    """Walk SOURCE: legacy files to encrypt (grouped by inode), envelopes, problems.
+def plan(
+    root: bytes,
+    workers: int,
+    keyring: Keyring | None = None,
+    *,
+    include_legacy: bool = True,
+    hints: bool = False,
+) -> Plan:
+    """Walk SOURCE: files to seal (grouped by inode), files already done, problems.
 
-    Headers are read by `workers` threads: on a cold cache each is a disk seek.
+    Without `keyring`, legacy files are to be sealed (`encrypt`).  With it,
+    envelopes not under its current key are too, and legacy files only with
+    `include_legacy` (`rotate`).  Files are classified by `workers` threads:
+    on a cold cache each is a disk seek, and for a rotation a read in full,
+    except, with `hints`, an envelope whose recorded key id names an older key.
     """
     p = Plan()
-    links: dict[tuple[int, int], list[bytes]] = {}
+    links: dict[tuple[int, int], tuple[list[bytes], Key | None]] = {}
     link_st: dict[tuple[int, int], os.stat_result] = {}
 
     def hidden(rel: bytes, entry: os.DirEntry) -> None:
         if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
             p.stale.append(rel)
 
-    for entry, kind in bounded_map(
-        partial(_kind, root), walk(root, on_hidden=hidden), workers=workers
-    ):
-        if kind is None:
+    classify = partial(_verdict, root, keyring, hints)
+    for entry, verdict in bounded_map(classify, walk(root, on_hidden=hidden), workers=workers):
+        if verdict is None:
             continue  # removed since it was listed
         p.scanned += 1
-        if isinstance(kind, str):
-            p.problems.append((entry.rel, "unreadable", kind))
+        if verdict.status in (Status.UNREADABLE, Status.DECRYPTION_FAILED):
+            p.problems.append((entry.rel, verdict.status.value, verdict.detail))
             continue
-        if kind is fmt.Kind.ENCRYPTED:
+        key = verdict.key
+        if verdict.status is Status.ENCRYPTED and (
+            keyring is None or key is None or key.key_id == keyring.current.key_id
+        ):
             p.already += 1
+            continue
+        if verdict.status is Status.NEEDS_ENCRYPTION and not include_legacy:
+            p.legacy_left += 1
             continue
         assert entry.st is not None
         if entry.st.st_blocks * 512 < entry.st.st_size:
             p.sparse.add(entry.rel)
         if entry.st.st_nlink > 1:
-            links.setdefault(ino(entry.st), []).append(entry.rel)
+            links.setdefault(ino(entry.st), ([], key))[0].append(entry.rel)
             link_st[ino(entry.st)] = entry.st
         else:
-            p.jobs.append(Job([entry.rel], entry.st.st_size))
-    for inode, names in links.items():
+            p.jobs.append(Job([entry.rel], entry.st.st_size, key))
+    for inode, (names, key) in links.items():
         nlink = link_st[inode].st_nlink
         if len(names) == nlink:
-            p.jobs.append(Job(names, link_st[inode].st_size))
+            p.jobs.append(Job(names, link_st[inode].st_size, key))
         else:
             for n in names:
                 p.problems.append(
@@ -91,14 +116,33 @@ def plan(root: bytes, workers: int) -> Plan:
     return p
 
 
-def _kind(root: bytes, entry: Entry) -> fmt.Kind | str | None:
-    """The file's class by its header, why it cannot be read, or None if it is gone."""
+def _verdict(root: bytes, keyring: Keyring | None, hints: bool, entry: Entry) -> Verdict | None:
+    """The file's class (None if it is gone), and for a rotation the key that opens it.
+
+    Without a keyring, by its header alone.  With one and `hints`, an envelope
+    whose recorded key id names an older key of the keyring is taken to be
+    under that key unread: sealing it again reads it in full and
+    authenticates it under that key (and finds the right one if it was not).
+    Any other envelope is authenticated here.
+    """
     if entry.error is not None:
-        return describe(entry.error)
+        return Verdict(Status.UNREADABLE, describe(entry.error))
     assert entry.st is not None
+    path = os.path.join(root, entry.rel)
     try:
-        return kind_of(os.path.join(root, entry.rel), entry.st)[1]
+        kind = kind_of(path, entry.st)[1]
     except FileNotFoundError:
         return None
     except OSError as e:
-        return describe(e)
+        return Verdict(Status.UNREADABLE, describe(e))
+    if kind is None:
+        return None  # no longer a regular file
+    if kind is fmt.Kind.PLAINTEXT:
+        return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({entry.st.st_size} bytes)")
+    if keyring is None:
+        return Verdict(Status.ENCRYPTED, "envelope header")
+    recorded = recorded_key_id(path) if hints else None
+    hinted = keyring.get(recorded) if recorded is not None else None
+    if hinted is not None and hinted.key_id != keyring.current.key_id:
+        return Verdict(Status.ENCRYPTED, f"recorded under key id {hinted.key_id}", hinted)
+    return classify_path(path, keyring, quick=False)

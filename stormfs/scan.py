@@ -26,7 +26,7 @@ from typing import NamedTuple, TypeVar
 
 from . import format as fmt
 from . import format_v2 as v2
-from .content import LRU, Identity, pread_stream
+from .content import LRU, Identity, Opened, pread_stream
 from .keys import Key, Keyring
 from .source import is_hidden, open_readonly, recorded_key_id
 
@@ -237,6 +237,18 @@ def opening_key(
     return None
 
 
+def authenticate(fd: int, size: int, keyring: Keyring, key_id: str | None) -> Opened | None:
+    """The nonce, and the key of `keyring` that opens the envelope of `size` bytes open
+    at `fd` (the key named `key_id` tried first); None when no key opens it."""
+    nonces: list[bytes] = []
+
+    def opens(material: bytes) -> None:
+        nonces.append(fmt.verify_stream(material, pread_stream(fd), size))
+
+    key = opening_key(keyring, key_id, opens)
+    return None if key is None else Opened(nonces[-1], key)
+
+
 def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdict:
     """Put one file in exactly one class.
 
@@ -275,14 +287,15 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
 
 def _authenticate(fd: int, st: os.stat_result, keyring: Keyring, layout: Layout) -> Verdict:
     """Every byte of the envelope checked; a v2 file's header alone turns a wrong key away."""
+    if layout.version == 2:
 
-    def opens(material: bytes) -> None:
-        if layout.version == 2:
+        def opens(material: bytes) -> None:
             v2.verify_stream(material, pread_stream(fd), st.st_size)
-        else:
-            fmt.verify_stream(material, pread_stream(fd), st.st_size)
 
-    key = opening_key(keyring, recorded_key_id(fd), opens)
+        key = opening_key(keyring, recorded_key_id(fd), opens)
+    else:
+        opened = authenticate(fd, st.st_size, keyring, recorded_key_id(fd))
+        key = opened.key if opened is not None else None
     if key is not None:
         prefix = "v2 file " if layout.version == 2 else ""
         return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under key id {key.key_id}", key)

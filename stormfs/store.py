@@ -26,18 +26,20 @@ import time
 from dataclasses import dataclass
 
 from . import format as fmt
+from . import format_v2 as v2
 from .content import (
     LRU,
     EnvelopeReader,
     Identity,
+    Opened,
     PlainReader,
     Reader,
     Reported,
     V2Reader,
     Verdicts,
 )
-from .keys import Key
-from .scan import V1, Layout, header_layout, layout_of
+from .keys import Keyring
+from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
@@ -99,10 +101,15 @@ class NoKeyReader:
 
 
 class Store:
-    def __init__(self, root: str | bytes, key: Key | None) -> None:
+    """SOURCE as the mount sees it.  `key` is the keyring's current key (which seals
+    every new version); the other keys of `keyring` only open what they sealed."""
+
+    def __init__(self, root: str | bytes, keyring: Keyring | None) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
-        self.key = key
-        self.verdicts = Verdicts()
+        self.keyring = keyring
+        self.key = keyring.current if keyring is not None else None
+        only = self.key if keyring is not None and len(keyring) == 1 else None
+        self.verdicts = Verdicts(only_key=only)
         self.reported = Reported()
         self._layouts: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk
@@ -189,7 +196,27 @@ class Store:
         return st, layout.plaintext_size(st.st_size), layout
 
     def key_id_of(self, at: At) -> str | None:
+        """The id of the key that opened the file, once a read has verified it; before,
+        the id recorded on it (None if none is)."""
+        try:
+            opened = self.verdicts.get(Identity.of(at.lstat()))
+        except OSError:
+            opened = None
+        if isinstance(opened, Opened):
+            return opened.key.key_id
         return recorded_key_id(at.proc)
+
+    def _authenticate(self, fd: int, size: int) -> Opened | None:
+        assert self.keyring is not None
+        return authenticate(fd, size, self.keyring, recorded_key_id(fd))
+
+    def _v2_key(self, fd: int) -> bytes:
+        """The key of the keyring whose MAC the v2 header carries (the current one if
+        none does: the reads then fail as damage)."""
+        assert self.keyring is not None and self.key is not None
+        header = os.pread(fd, v2.HEADER_SIZE, 0)
+        key = opening_key(self.keyring, recorded_key_id(fd), lambda m: v2.open_header(m, header))
+        return (key or self.key).material
 
     def open_reader(self, at: At) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
@@ -211,9 +238,9 @@ class Store:
                 return NoKeyReader(fd, layout.plaintext_size(st.st_size), self.rel(at))
             if layout.version == 2:
                 return V2Reader(
-                    fd, self.key.material, self.reported, self.rel(at), layout.chunk_size, st=st
+                    fd, self._v2_key(fd), self.reported, self.rel(at), layout.chunk_size, st=st
                 )
-            return EnvelopeReader(fd, self.key.material, self.verdicts, self.rel(at), st=st)
+            return EnvelopeReader(fd, self._authenticate, self.verdicts, self.rel(at), st=st)
         except BaseException:
             os.close(fd)
             raise
@@ -292,8 +319,9 @@ class Store:
         if nonce is None or self.key is None:
             return PlainReader(fd, st.st_size)
         self._layouts.put(Identity.of(st), V1)
+        opened = Opened(nonce, self.key)
         return EnvelopeReader(
-            fd, self.key.material, self.verdicts, self.rel(at), nonce=nonce, st=st
+            fd, self._authenticate, self.verdicts, self.rel(at), opened=opened, st=st
         )
 
     def _rename_into(self, temp: TempFile, dir_fd: int, name: bytes, dev: int) -> None:

@@ -24,10 +24,12 @@ class Deployment:
         self.mountpoint = work / name / "mnt"
         self.source.mkdir(parents=True)
 
-    def deploy(self, key: str | None = None, **env: str):
+    def deploy(self, key: str | None = None, *, options: str = "", **env: str):
         if key is not None:
             env[keys.ENV_KEY] = key
         args = ["--source", str(self.source), "--mountpoint", str(self.mountpoint)]
+        if options:
+            args += ["--options", options]
         proc = run(
             [*DEPLOY, *args, "--name", self.name],
             env={"DESTDIR": str(self.root), **env},

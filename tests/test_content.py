@@ -12,15 +12,22 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
-from stormfs.content import EnvelopeReader, Verdicts
+from stormfs.content import EnvelopeReader, Opened, Verdicts
 from stormfs.inodes import Node
+from stormfs.keys import Key, Keyring
 from stormfs.openfiles import DirHandle, Handle, Handles
+from stormfs.scan import authenticate
 
 KEY = os.urandom(32)
+KEYRING = Keyring(Key("1", KEY))
+
+
+def _open(fd: int, size: int) -> Opened | None:
+    return authenticate(fd, size, KEYRING, None)
 
 
 def _reader(path: Path, verdicts: Verdicts) -> EnvelopeReader:
-    return EnvelopeReader(os.open(path, os.O_RDONLY), KEY, verdicts, path.name)
+    return EnvelopeReader(os.open(path, os.O_RDONLY), _open, verdicts, path.name)
 
 
 def _rewrite_in_place(path: Path, blob: bytes) -> None:
@@ -68,12 +75,12 @@ def test_a_file_damaged_under_an_open_reader_fails_and_is_logged(tmp_path: Path,
 def test_a_verdict_serves_the_next_open_of_the_same_version_only(tmp_path: Path):
     path = tmp_path / "f"
     path.write_bytes(fmt.seal(KEY, b"v1"))
-    verdicts = Verdicts()
+    verdicts = Verdicts(only_key=KEYRING.current)
     first = _reader(path, verdicts)
-    nonce = first.verify()
+    nonce, key = first.verify()
     first.close()
     again = _reader(path, verdicts)
-    assert verdicts.get(again.ident) == nonce  # no second read of the whole file
+    assert verdicts.get(again.ident) == Opened(nonce, key)  # no second read of the file
     again.close()
     time.sleep(0.01)
     path.write_bytes(fmt.seal(KEY, b"v2"))

@@ -284,3 +284,39 @@ def test_make_deploy(root, work):
     assert proc.returncode == OK, proc.stderr
     assert notice(key) in proc.stdout
     assert d.etc(".key").read_text() == key + "\n"
+
+
+def test_rotation_with_a_keyring(root, work):
+    """A new key replaces the deployed one only when the keyring in OPTIONS holds it."""
+    d = Deployment(root, work, "rotation")
+    k1, k2 = new_key(), new_key()
+    assert d.deploy(k1).returncode == OK
+    (d.source / "old").write_bytes(fmt.seal(keys.parse_key(k1), b"sealed under key 1"))
+    keyring = "/etc/stormfs/rotation.keyring"
+    ring_path = root / keyring.lstrip("/")
+    ring_path.write_text(f"other {new_key()}\n")
+    ring_path.chmod(0o600)
+    before = d.state()
+    proc = d.deploy(k2, STORMCLOUD_ENCRYPTION_KEY_ID="2")
+    assert (proc.returncode, proc.stderr) == (KEY_SAFETY, MISMATCH_TEXT)
+    proc = d.deploy(k2, options=f"keyring={keyring}", STORMCLOUD_ENCRYPTION_KEY_ID="2")
+    assert (proc.returncode, proc.stderr) == (KEY_SAFETY, MISMATCH_TEXT)  # not key 1
+    assert d.state() == before
+
+    ring_path.write_text(f"1 {k1}\n")
+    ring_path.chmod(0o600)
+    proc = d.deploy(k2, options=f"keyring={keyring}", STORMCLOUD_ENCRYPTION_KEY_ID="2")
+    assert proc.returncode == OK, proc.stderr
+    assert proc.stdout.startswith(
+        "NOTICE: A new encryption key (key id 2) seals new versions from now on; "
+        "key id 1 still opens the files sealed before.\n"
+    )
+    assert d.etc(".key").read_text() == k2 + "\n"
+    conf = d.etc(".conf").read_text()
+    assert 'STORMCLOUD_ENCRYPTION_KEY_ID="2"\n' in conf
+    assert f'STORMFS_OPTIONS="-o keyring={keyring}"\n' in conf
+    # Re-run without the key: kept; without the keyring: key 1 is still needed.
+    assert d.deploy(options=f"keyring={keyring}").returncode == OK
+    proc = d.deploy()
+    assert proc.returncode == KEY_SAFETY
+    assert proc.stderr.startswith(f"FATAL: Key id 1 is still needed by files in {d.source}")

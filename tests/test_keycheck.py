@@ -183,8 +183,8 @@ def test_unreadable_check_is_refused_not_replaced(tmp_path):
 
 
 def test_check_from_a_newer_version_is_refused(tmp_path):
-    put(tmp_path / ".stormfs" / "keycheck", b'{"format": "stormfs-keycheck", "version": 2}')
-    assert "unknown key check version 2" in refused(tmp_path, ring(new_key())).message
+    put(tmp_path / ".stormfs" / "keycheck", b'{"format": "stormfs-keycheck", "version": 3}')
+    assert "unknown key check version 3" in refused(tmp_path, ring(new_key())).message
 
 
 def test_state_dir_mode_is_tightened(tmp_path):
@@ -368,3 +368,146 @@ def test_check_command_exit_codes_and_texts(tmp_path):
         "Files are stored unencrypted until a key is configured.",
         f"OK: {plain} can be mounted as a plain pass-through (no key)",
     ]
+
+
+# -- several keys: the check follows a new key, older ones stay accepted -----
+
+
+def several(current: str, key_id: str, older: dict[str, str]) -> keys.Keyring:
+    return keys.Keyring(
+        keys.Key(key_id, keys.parse_key(current)),
+        tuple(keys.Key(i, keys.parse_key(k)) for i, k in older.items()),
+    )
+
+
+def new_key_notice(key_text: str, key_id: str, old: str) -> str:
+    return (
+        f"NOTICE: A new encryption key (key id {key_id}) seals new versions from now on; "
+        f"{old} the files sealed before.\n"
+        "SAVE YOUR ENCRYPTION KEY NOW:\n"
+        f"  STORMCLOUD_ENCRYPTION_KEY={key_text[:16]}...\n"
+        "Store this in your password manager. Losing this key = losing your files."
+    )
+
+
+def missing_text(source, ids: str, *, several_ids: bool = False) -> str:
+    are, them = ("are", "them") if several_ids else ("is", "it")
+    return (
+        f"FATAL: Key id{'s' if several_ids else ''} {ids} {are} still needed by files in "
+        f"{source}, but not in the keyring.\n"
+        f"Add {them} to the keyring file (--keyring, -o keyring=, or the credential "
+        "stormfs.keyring); `stormfs keys SOURCE --retire ID` forgets a key once no file needs it."
+    )
+
+
+@pytest.fixture
+def rotated(tmp_path):
+    """SOURCE recorded under key 1, then started with key 2 and key 1 in the keyring."""
+    k1, k2 = new_key(), new_key()
+    storm_cloud_source(tmp_path, k1)
+    preflight(tmp_path, ring(k1))
+    mode, said = preflight(tmp_path, several(k2, "2", {"1": k1}))
+    assert mode is keycheck.Mode.ENCRYPTED
+    assert said == [new_key_notice(k2, "2", "key id 1 still opens")]
+    return tmp_path, k1, k2
+
+
+def test_new_key_moves_the_check_and_keeps_the_old_one_accepted(rotated):
+    source, k1, k2 = rotated
+    data = (source / ".stormfs" / "keycheck").read_bytes()
+    record = json.loads(data)
+    assert (record["version"], record["key_id"]) == (2, "2")
+    assert [a["key_id"] for a in record["accepted"]] == ["1"]
+    envelope = base64.urlsafe_b64decode(record["check"])
+    assert fmt.open_envelope(keys.parse_key(k2), envelope) == keycheck.CHECK_PLAINTEXT
+    old = base64.urlsafe_b64decode(record["accepted"][0]["check"])
+    assert fmt.open_envelope(keys.parse_key(k1), old) == keycheck.CHECK_PLAINTEXT
+    for key in (k1, k2):  # listed by id, never by value
+        assert keys.parse_key(key) not in data
+        assert not any(form.encode() in data for form in forms(key))
+    # From now on the same keys start silently, either as the current one.
+    assert preflight(source, several(k2, "2", {"1": k1})) == (keycheck.Mode.ENCRYPTED, [])
+    assert preflight(source, several(k1, "1", {"2": k2})) == (keycheck.Mode.ENCRYPTED, [])
+
+
+def test_a_key_files_still_need_must_be_given(rotated):
+    source, k1, k2 = rotated
+    before = snapshot(source)
+    assert refused(source, ring(k2, "2")).message == missing_text(source, "1")
+    assert refused(source, ring(k1, "1")).message == missing_text(source, "2")
+    k3 = new_key()
+    assert refused(source, several(k3, "3", {"1": k1})).message == missing_text(source, "2")
+    assert snapshot(source) == before
+
+
+def test_a_key_matching_nothing_recorded_is_still_a_mismatch(rotated):
+    source, _, _ = rotated
+    assert refused(source, ring(new_key(), "3")).message == MISMATCH_TEXT
+    assert refused(source, several(new_key(), "3", {"x": new_key()})).message == MISMATCH_TEXT
+    assert refused(source, None).message == NO_KEY_TEXT
+
+
+def test_a_second_new_key_keeps_every_older_one(rotated):
+    source, k1, k2 = rotated
+    k3 = new_key()
+    _, said = preflight(source, several(k3, "3", {"1": k1, "2": k2}))
+    assert said == [new_key_notice(k3, "3", "key ids 2, 1 still open")]
+    recorded = keycheck.read_check(str(source))
+    assert recorded is not None and recorded.ids() == ["3", "2", "1"]
+    error = refused(source, ring(k3, "3"))
+    assert error.message == missing_text(source, "2, 1", several_ids=True)
+
+
+def test_a_new_key_under_a_recorded_id_is_refused(rotated):
+    source, k1, k2 = rotated
+    before = snapshot(source)
+    error = refused(source, several(new_key(), "1", {"old": k1, "2": k2}))
+    assert error.message == (
+        f"FATAL: Key id 1 is recorded in {source / '.stormfs' / 'keycheck'} for another key.\n"
+        "Give the new key an id of its own (STORMCLOUD_ENCRYPTION_KEY_ID)."
+    )
+    assert snapshot(source) == before
+
+
+def test_retire_forgets_an_older_key(rotated):
+    source, k1, k2 = rotated
+    with pytest.raises(keycheck.NotRetirable, match="is the current key"):
+        keycheck.retire(str(source), "2")
+    with pytest.raises(keycheck.NotRetirable, match="is not recorded"):
+        keycheck.retire(str(source), "7")
+    now = keycheck.retire(str(source), "1")
+    assert now.ids() == ["2"]
+    record = json.loads((source / ".stormfs" / "keycheck").read_bytes())
+    assert record["version"] == 1 and "accepted" not in record
+    assert preflight(source, ring(k2, "2")) == (keycheck.Mode.ENCRYPTED, [])
+    assert refused(source, ring(k1, "1")).message == MISMATCH_TEXT
+
+
+def test_check_command_with_a_keyring(rotated, tmp_path_factory):
+    source, k1, k2 = rotated
+    keyring = tmp_path_factory.mktemp("ring") / "keyring"
+    keyring.write_text(f"1 {k1}\n")
+    keyring.chmod(0o600)
+    env = {keys.ENV_KEY: k2, keys.ENV_KEY_ID: "2"}
+    proc = run([*STORMFS, "check", str(source), "--keyring", str(keyring)], env=env)
+    assert (proc.returncode, proc.stderr) == (OK, "")
+    assert proc.stdout == f"OK: {source} can be mounted encrypted with key id 2\n"
+    proc = run([*STORMFS, "check", str(source)], env=env)
+    assert (proc.returncode, proc.stdout) == (KEY_SAFETY, "")
+    assert proc.stderr == missing_text(source, "1") + "\n"
+    mnt = tmp_path_factory.mktemp("mnt")
+    proc = run([*STORMFS, "mount", str(source), str(mnt)], env=env)
+    assert (proc.returncode, proc.stdout) == (KEY_SAFETY, "")
+    assert proc.stderr == missing_text(source, "1") + "\n"
+
+
+def test_first_check_with_a_keyring_accepts_every_key_of_it(tmp_path):
+    """No check recorded yet: files may be under any key of the keyring, so each stays
+    needed until it is retired."""
+    k1, k2 = new_key(), new_key()
+    storm_cloud_source(tmp_path, k1)
+    mode, said = preflight(tmp_path, several(k2, "2", {"1": k1}))
+    assert mode is keycheck.Mode.ENCRYPTED and said[0].startswith("Key verified against")
+    recorded = keycheck.read_check(str(tmp_path))
+    assert recorded is not None and recorded.ids() == ["2", "1"]
+    assert refused(tmp_path, ring(k2, "2")).message == missing_text(tmp_path, "1")

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "stormfs"
-ENGINES = ("audit", "encrypt", "pipeline", "plan", "swap", "journal", "scan", "keycheck")
+ENGINES = (
+    "audit",
+    "encrypt",
+    "pipeline",
+    "plan",
+    "swap",
+    "journal",
+    "scan",
+    "keycheck",
+    "keyuse",
+    "keys",
+)
 # What only the command line may use: parsers, the progress bar, the command itself.
 CLI_ONLY = {"argparse", "tqdm", "stormfs.cli", "stormfs.progress"}
 

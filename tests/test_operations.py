@@ -42,7 +42,7 @@ def material() -> bytes:
 
 @pytest.fixture
 def ops(source: Path, material: bytes) -> Iterator[Operations]:
-    store = Store(str(source), keys.Key("1", material))
+    store = Store(str(source), keys.Keyring(keys.Key("1", material)))
     ops = Operations(store)
     try:
         yield ops

@@ -12,7 +12,7 @@ import pytest
 
 from stormfs import format as fmt
 from stormfs import format_v2 as v2
-from stormfs.keys import Key
+from stormfs.keys import Key, Keyring
 from stormfs.scan import LEGACY, V1, Layout
 from stormfs.source import At
 from stormfs.store import Store
@@ -42,7 +42,7 @@ def _close_dirs():
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     yield s
     s.close()
 
@@ -160,7 +160,7 @@ def test_interrupted_in_place_rewrite_is_finished_at_start(tmp_path: Path):
     (dead / "redo-t-1").write_text(json.dumps(record))
     with open(a, "r+b") as f:  # torn: the copy had begun
         f.write(new[:10])
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     try:
         assert not dead.exists()
         assert plaintext(b) == b"new content"
@@ -170,9 +170,9 @@ def test_interrupted_in_place_rewrite_is_finished_at_start(tmp_path: Path):
 
 
 def test_live_instance_is_left_alone(tmp_path: Path):
-    s1 = Store(tmp_path, KEY)
+    s1 = Store(tmp_path, Keyring(KEY))
     temp = s1.new_temp()
-    s2 = Store(tmp_path, KEY)
+    s2 = Store(tmp_path, Keyring(KEY))
     try:
         assert (Path(os.fsdecode(s1.instance)) / os.fsdecode(temp.name)).exists()
     finally:
@@ -207,7 +207,7 @@ def test_starting_instance_is_left_alone(tmp_path: Path):
     fresh.mkdir(parents=True)
     stale.mkdir()
     os.utime(stale, (0, 0))
-    s = Store(tmp_path, KEY)
+    s = Store(tmp_path, Keyring(KEY))
     try:
         assert fresh.exists() and not stale.exists()
         assert not any(p.name.endswith(".starting") for p in tmp.iterdir() if p != fresh)

@@ -4,7 +4,9 @@
 
 The key comes from $STORMCLOUD_ENCRYPTION_KEY.  Without it, the key already
 deployed under NAME is kept (key auto-preservation); a different key than the
-deployed one is a mismatch and nothing is changed.  The key safety checks run
+deployed one is a mismatch and nothing is changed, unless OPTIONS name a
+keyring file (keyring=PATH) that holds the deployed key: then the new key
+replaces it as the current key (a key rotation).  The key safety checks run
 (`stormfs check`) before anything is written.  Then:
 
     /opt/stormfs/                    a virtualenv with stormfs
@@ -109,12 +111,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def resolve_key(target: Target, environ: dict[str, str]) -> tuple[str | None, bool]:
-    """The key text to deploy, and whether a key is already deployed (then the
-    same key).
+def keyring_option(options: str) -> str | None:
+    """The keyring file named in the mount options (keyring=PATH), if any."""
+    for item in options.split(","):
+        name, _, value = item.partition("=")
+        if name == "keyring" and value:
+            return value
+    return None
+
+
+def holds_key(target: Target, keyring: str | None, material: bytes) -> bool:
+    """Whether the deployment's keyring file holds the key `material`."""
+    if keyring is None:
+        return False
+    try:
+        found = keys.read_keyring_file(str(target.path(keyring)))
+    except keys.InvalidKey as e:
+        raise DeployError(str(e), USAGE) from None
+    return any(key.material == material for _, key in found)
+
+
+def resolve_key(
+    target: Target, environ: dict[str, str], keyring: str | None
+) -> tuple[str | None, bool, bool]:
+    """The key text to deploy, whether a key is already deployed, and whether the
+    given key replaces it.
 
     A given key must be the deployed one, if there is one: a different key is
-    a mismatch and stops the deployment before anything is written.
+    a mismatch and stops the deployment before anything is written, unless
+    the keyring holds the deployed key (a rotation).
     """
     given = environ.get(keys.ENV_KEY) or None
     deployed_path = target.path(target.key)
@@ -128,14 +153,15 @@ def resolve_key(target: Target, environ: dict[str, str]) -> tuple[str | None, bo
     if given is None:
         if deployed is not None:
             say(f"keeping the key already deployed for {target.name} ({target.key})")
-        return deployed, deployed is not None
+        return deployed, deployed is not None, False
     try:
         given_material = keys.parse_key(given)
     except keys.InvalidKey as e:
         raise DeployError(f"${keys.ENV_KEY}: {e}", USAGE) from None
-    if deployed is not None and given_material != deployed_material:
+    rotated = deployed is not None and given_material != deployed_material
+    if rotated and not holds_key(target, keyring, deployed_material):
         raise DeployError(keycheck.MISMATCH, KEY_SAFETY)
-    return given.strip(), deployed is not None
+    return given.strip(), deployed is not None, rotated
 
 
 def resolve_key_id(target: Target, environ: dict[str, str]) -> str:
@@ -149,11 +175,15 @@ def resolve_key_id(target: Target, environ: dict[str, str]) -> str:
         raise DeployError(f"${keys.ENV_KEY_ID}: {e}", USAGE) from None
 
 
-def run_checks(source: str, key: str | None, key_file: Path | None, key_id: str) -> None:
+def run_checks(
+    source: str, key: str | None, key_file: Path | None, key_id: str, keyring: Path | None
+) -> None:
     """`stormfs check` in a child process, the key in its environment only."""
     env = {k: v for k, v in os.environ.items() if k not in (keys.ENV_KEY, keys.ENV_CREDENTIALS)}
     env[keys.ENV_KEY_ID] = key_id
     cmd = [sys.executable, "-m", "stormfs", "check", source]
+    if keyring is not None:
+        cmd += ["--keyring", str(keyring)]
     if key_file is not None:
         cmd += ["--key-file", str(key_file)]
     elif key is not None:
@@ -250,14 +280,16 @@ def write_file(path: Path, data: bytes, mode: int) -> bool:
     return True
 
 
-def write_config(target: Target, args: argparse.Namespace, key: str | None, key_id: str) -> bool:
+def write_config(
+    target: Target, args: argparse.Namespace, key: str | None, key_id: str, *, rotated: bool
+) -> bool:
     etc = target.path(ETC)
     etc.mkdir(parents=True, exist_ok=True)
     os.chmod(etc, 0o700)
     changed = False
     if key is not None:
         key_path = target.path(target.key)
-        if not key_path.exists():
+        if not key_path.exists() or rotated:
             changed |= write_file(key_path, (key + "\n").encode("ascii"), 0o600)
             say(f"key written to {target.key} (root only)")
     changed |= write_file(target.path(target.conf), conf_text(args, key_id).encode(), 0o600)
@@ -300,11 +332,14 @@ def start_service(target: Target, changed: bool) -> None:
 def deploy(argv: list[str], environ: dict[str, str]) -> int:
     args = parse_args(argv)
     target = Target(environ.get("DESTDIR") or "/", args.name)
-    key, deployed = resolve_key(target, environ)
+    keyring = keyring_option(args.options)
+    key, deployed, rotated = resolve_key(target, environ, keyring)
     key_id = resolve_key_id(target, environ)
-    run_checks(args.source, key, target.path(target.key) if deployed else None, key_id)
+    key_file = target.path(target.key) if deployed and not rotated else None
+    ring = target.path(keyring) if keyring is not None else None
+    run_checks(args.source, key, key_file, key_id, ring)
     changed = install_software(target)
-    changed |= write_config(target, args, key, key_id)
+    changed |= write_config(target, args, key, key_id, rotated=rotated)
     os.makedirs(args.mountpoint, exist_ok=True)
     if target.live:
         start_service(target, changed)

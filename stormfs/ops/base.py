@@ -260,7 +260,7 @@ class OpsBase(pyfuse3.Operations):
         if isinstance(reader, EnvelopeReader) and reader.nonce is not None:
             nonce = reader.nonce
             reader.refresh()
-            reader.verdicts.put(reader.ident, nonce)
+            reader.verdicts.put(reader.ident, nonce, reader.key)
             reader.nonce = nonce
 
     async def drain(self) -> None:
