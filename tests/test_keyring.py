@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs import keys
 from stormfs.content import EnvelopeReader, Identity, Opened
 from stormfs.exitcodes import ISSUES_FOUND
+from stormfs.source import At
 from stormfs.store import Store
 
 from .keyscan import new_key
@@ -126,21 +128,24 @@ def test_the_opening_key_is_remembered_with_the_verdict(tmp_path, three_keys):
         (keys.Key("1", keys.parse_key(k1)), keys.Key("2", keys.parse_key(k2))),
     )
     store = Store(tmp_path, ring)
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    at = At(dir_fd, os.fsencode(path.name))
     try:
-        assert store.key_id_of(os.fsencode(path)) is None  # not verified yet, nothing recorded
-        first = store.open_reader(os.fsencode(path))
+        assert store.key_id_of(at) is None  # not verified yet, nothing recorded
+        first = store.open_reader(at)
         assert isinstance(first, EnvelopeReader)
         assert first.read(0, 10) == data[:10]
         opened = store.verdicts.get(Identity.of(path.stat()))
         assert isinstance(opened, Opened) and opened.key.key_id == "1"
-        assert store.key_id_of(os.fsencode(path)) == "1"
-        second = store.open_reader(os.fsencode(path))
+        assert store.key_id_of(at) == "1"
+        second = store.open_reader(at)
         before = rchar()
         assert second.read(len(data) - 5, 10) == data[-5:]
         assert rchar() - before < 4096
         first.close()
         second.close()
     finally:
+        os.close(dir_fd)
         store.close()
 
 
@@ -156,3 +161,21 @@ def test_audit_text_names_the_keys(tmp_path, three_keys):
         f"Encryption audit of {src} (every envelope verified under the keyring, current key id 3)"
     )
     assert lines[3] == "    by key:                 key id 1: 3, key id 2: 2, key id 3: 1"
+
+
+def test_v2_files_under_older_keys_read_through_the_keyring(tmp_path, mount_factory, three_keys):
+    """A v2 header names its key by its MAC: the keyring's key that verifies it reads it."""
+    k1, k2, k3 = three_keys
+    src = tmp_path / "src"
+    src.mkdir()
+    data = {name: os.urandom(50_000) for name in ("old", "older", "current")}
+    for name, key in (("older", k1), ("old", k2), ("current", k3)):
+        write(src / name, v2.seal(keys.parse_key(key), data[name]))
+    write(src / "nobody", v2.seal(keys.parse_key(new_key()), b"x" * 100))
+    ring = write_keyring(tmp_path / "keyring", {"1": k1, "2": k2})
+    m = mount_factory(src, key=k3, args=("--keyring", ring), env={keys.ENV_KEY_ID: "3"})
+    for name, plain in data.items():
+        assert (m.mnt / name).read_bytes() == plain, name
+    with pytest.raises(OSError) as e:
+        (m.mnt / "nobody").read_bytes()
+    assert e.value.errno == errno.EIO
