@@ -108,3 +108,19 @@ def test_handles_are_numbered_apart_and_typed():
     with pytest.raises(OSError):
         handles.file(fh)
     assert handles.add(Handle(node, writable=False)) not in (fh, dh)  # never reused
+
+
+def test_a_verdict_for_another_envelope_under_the_same_identity_is_not_trusted(tmp_path: Path):
+    """An identity (dev, ino, size, mtime, ctime) can recur: a file replaced within one
+    timestamp tick by one of the same size that got the freed inode number.  The cached
+    nonce must match the envelope's own before the verdict is used."""
+    path = tmp_path / "f"
+    path.write_bytes(fmt.seal(KEY, b"the real content"))
+    verdicts = Verdicts(only_key=KEYRING.current)
+    reader = _reader(path, verdicts)
+    try:
+        verdicts.put(reader.ident, bytes(12))  # what the earlier file had
+        assert reader.read(0, 100) == b"the real content"
+        assert reader.nonce == path.read_bytes()[1:13]
+    finally:
+        reader.close()
