@@ -356,6 +356,7 @@ def test_random_walk_over_reused_inode_numbers(ext4_image, mount_factory, seed: 
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)
 def test_random_walk_over_reused_inode_numbers_long(ext4_image, mount_factory):
     m = mount_factory(source=ext4_image)
     for seed in range(20):

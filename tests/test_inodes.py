@@ -408,5 +408,6 @@ def test_inode_numbers_never_change_object(tmp_path: Path, seed: int):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)
 def test_inode_numbers_never_change_object_long(tmp_path: Path):
     run(tmp_path, 1000, 100_000)
