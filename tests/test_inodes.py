@@ -377,18 +377,20 @@ class Harness:
         self.table.forget(node, n)
 
     def step(self) -> None:
+        # Closes and forgets grow with what is open and known, so that a long run keeps
+        # a working set of the same size (and each check costs the same) throughout.
         ops = (
             (self.lookup, 6),
             (lambda: self.make(directory=True), 3),
             (lambda: self.make(directory=False), 3),
             (self.open, 3),
             (self.commit, 2),
-            (self.close, 3),
-            (self.remove, 4),
+            (self.close, 3 + len(self.handles) // 8),
+            (self.remove, 4 + len(self.fs.live) // 40),
             (self.link, 1),
             (self.rename, 2),
             (self.exchange, 1),
-            (self.forget, 3),
+            (self.forget, 3 + len(self.table._nodes) // 40),
         )
         fn = self.rng.choices([f for f, _ in ops], weights=[w for _, w in ops])[0]
         fn()
