@@ -97,8 +97,11 @@ class Mount:
         return self.proc.pid
 
     def instance_dirs(self) -> list[str]:
-        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet cleaned)."""
-        return sorted(os.listdir(self.source / ".stormfs" / "tmp"))
+        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet taken
+        over); directories already retired (``*.gone``, being removed) are not counted."""
+        return sorted(
+            n for n in os.listdir(self.source / ".stormfs" / "tmp") if not n.endswith(".gone")
+        )
 
     @property
     def raw_key(self) -> bytes:
@@ -253,6 +256,44 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
             done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def silly_source(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Make SOURCE directories served by tests/sillyfs.py (a FUSE passthrough that
+    silly-renames files unlinked while open); each is unmounted in teardown.
+
+    Request it before `mount_factory`, so that stormfs mounts on top are stopped first.
+    """
+    made: list[tuple[subprocess.Popen, Path]] = []
+
+    def make(name: str = "silly", *, xattrs: bool = True) -> Path:
+        backing, path = tmp_path / f"{name}-backing", tmp_path / name
+        backing.mkdir()
+        path.mkdir()
+        cmd = [sys.executable, "-m", "tests.sillyfs", str(backing), str(path)]
+        with open(tmp_path / f"{name}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                cmd + ([] if xattrs else ["--no-xattr"]),
+                cwd=Path(__file__).resolve().parent.parent,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        made.append((proc, path))
+        wait_for(lambda: is_mounted(path) or proc.poll() is not None, MOUNT_TIMEOUT)
+        assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
+        return path
+
+    yield make
+    for proc, path in reversed(made):
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if is_mounted(path):
+            force_unmount(path)
 
 
 @pytest.fixture
