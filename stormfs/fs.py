@@ -804,9 +804,15 @@ class Operations(pyfuse3.Operations):
         path = (await self._meta(self._at, node)).proc
 
         def names() -> list[bytes]:
+            try:
+                backing = os.listxattr(path, follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENOTSUP:
+                    raise
+                backing = []  # SOURCE has no xattrs; ours are answered all the same
             own = [
                 n
-                for n in os.listxattr(path, follow_symlinks=False)
+                for n in backing
                 if n.startswith(USER_XATTRS) and not n.startswith(VIRTUAL_XATTR_PREFIX)
             ]
             return [os.fsencode(n) for n in (*own, *self._virtual_xattrs(node))]
