@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__, hygiene, keycheck, keys, notify
 from .audit import audit
 from .daemon import MountError, MountOptions, check_paths, serve
-from .encrypt import DEFAULT_JOBS, Busy, dry_run, encrypt
+from .encrypt import DEFAULT_JOBS, Busy, CannotSwap, dry_run, encrypt
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, MOUNT_FAILED, OK, USAGE, WORK_TO_DO
 from .pipeline import Done, Outcome
 from .plan import Job
@@ -297,6 +297,16 @@ def _encrypt(args: argparse.Namespace) -> int:
         except Busy:
             _err(f"another stormfs encrypt is running on {source}")
             return BUSY
+        except CannotSwap as e:
+            _err(
+                f"cannot encrypt in place on {source}: its filesystem cannot exchange two "
+                f"names atomically (renameat2 RENAME_EXCHANGE: {e}), which swapping a sealed "
+                "copy in while the file may be in use needs. Nothing was changed. Encrypt "
+                "the files through the mount instead: a legacy file written through a "
+                "stormfs mount is stored encrypted (for one file: dd if=FILE of=FILE bs=1 "
+                "count=1 conv=notrunc, FILE being its path on the mount)."
+            )
+            return USAGE
     if args.json:
         print(json.dumps(report, indent=2))
     else:

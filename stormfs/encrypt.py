@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from . import swap
 from .journal import STATE_SUBDIR, recover_journals
 from .keys import Key
 from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome
@@ -38,6 +39,11 @@ RETRYABLE = ("changed", "busy", "hard_links")
 
 class Busy(Exception):
     """Another `stormfs encrypt` holds the lock of this SOURCE."""
+
+
+class CannotSwap(Exception):
+    """SOURCE's filesystem cannot exchange names (GlusterFS, some FUSE filesystems):
+    sealed copies cannot be swapped in without risking a concurrent commit."""
 
 
 class Progress(Protocol):
@@ -65,6 +71,9 @@ def encrypt(root: bytes, key: Key, workers: int, progress: Progress) -> dict[str
     with _exclusive(root) as state_fd:
         if state_fd is None:
             raise Busy(os.fsdecode(root))
+        why = swap.cannot_exchange(state_fd)
+        if why is not None:
+            raise CannotSwap(why.strerror)
         return _encrypt_all(root, key, workers, progress, state_fd)
 
 

@@ -9,9 +9,11 @@ a new version over the name in the meantime.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import secrets
 
 from .source import RENAME_EXCHANGE, renameat2
 
@@ -61,6 +63,26 @@ def lease_intact(fd: int) -> bool:
 def exchange(dir_fd: int, a: bytes, b: bytes) -> None:
     """Atomically swap two names in one directory (renameat2 RENAME_EXCHANGE)."""
     renameat2(dir_fd, a, dir_fd, b, RENAME_EXCHANGE)
+
+
+def cannot_exchange(dir_fd: int) -> OSError | None:
+    """Why names cannot be exchanged on the filesystem of `dir_fd` (None: they can),
+    found by exchanging two empty files made there for the purpose."""
+    tag = secrets.token_hex(4).encode()
+    names = (b"exchange-probe-a-" + tag, b"exchange-probe-b-" + tag)
+    try:
+        for name in names:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd))
+        exchange(dir_fd, *names)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return e
+        raise
+    finally:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+    return None
 
 
 def put_back(dir_fd: int, hold: bytes, name: bytes, placed: tuple[int, int]) -> None:
