@@ -366,3 +366,19 @@ def test_envelopes_are_never_encrypted_twice(tmp_path: Path, key: str):
     for _ in range(2):
         assert stormfs("encrypt", str(src), "--force", key=key).returncode == OK
     assert (src / "e").read_bytes() == envelope
+
+
+def test_refuses_a_source_that_cannot_exchange_names(silly_source, key: str):
+    """tests/sillyfs.py, like GlusterFS, answers RENAME_EXCHANGE with EINVAL: encrypt
+    stops before it touches a file, says why and what to do instead, and leaves nothing."""
+    src = silly_source()
+    write(src / "legacy.txt", legacy_bytes(5000))
+    before = snapshot(src, atime=False)
+    done = stormfs("encrypt", str(src), "--force", key=key)
+    assert done.returncode == USAGE, done.stderr
+    assert "cannot exchange two names atomically (renameat2 RENAME_EXCHANGE" in done.stderr
+    assert "Encrypt the files through the mount instead" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert snapshot(src, atime=False) == before
+    assert leftovers(src) == []
+    assert os.listdir(src / ".stormfs" / "encrypt") == ["lock"]
