@@ -7,6 +7,7 @@ this module prints them and picks the exit status.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -24,11 +25,12 @@ from .pipeline import Done, Outcome
 from .plan import Job
 from .progress import Progress
 from .scan import display
+from .stats import STATUS_XATTR
 from .units import human_bytes, human_duration
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "check", "keygen", "audit", "encrypt")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt", "status")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -183,6 +185,43 @@ def _check(args: argparse.Namespace) -> int:
 
 def _keygen(args: argparse.Namespace) -> int:
     print(keys.generate_key())
+    return OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        raw = os.getxattr(args.mountpoint, STATUS_XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            _err(f"{args.mountpoint} is not a stormfs mount")
+        else:
+            _err(f"{args.mountpoint}: {e.strerror}")
+        return USAGE
+    status = json.loads(raw)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return OK
+    s = status
+    print(f"stormfs mount {s['mountpoint']} of {s['source']}")
+    print(f"  daemon:        PID {s['pid']}, up {human_duration(s['uptime_seconds'])}")
+    print(f"  options:       {','.join(s['options']) or '(defaults)'}; writes {s['format']}")
+    keys_in_use = ", ".join(s["key_ids"]) or "none"
+    print(f"  keys:          current id {s['current_key_id'] or '(no key)'}; ids {keys_in_use}")
+    print(f"  open files:    {s['open_files']}")
+    print(
+        f"  unpublished:   {s['unpublished_files']} file(s), {human_bytes(s['unpublished_bytes'])}"
+    )
+    for f in s["unpublished"]:
+        print(f"    {f['path']}  {human_bytes(f['bytes'])}")
+    print(f"  commits:       {s['commits']} done, {s['commits_failed']} failed")
+    print(
+        f"  transferred:   {human_bytes(s['bytes_read'])} read, "
+        f"{human_bytes(s['bytes_written'])} written"
+    )
+    print(f"  DECRYPTION_FAILED: {s['decryption_failed']}")
+    for path in s["decryption_failed_recent"]:
+        print(f"    {path}")
+    print(f"  last error:    {s['last_error'] or 'none'}")
     return OK
 
 
@@ -452,6 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=_encrypt)
+
+    p = sub.add_parser(
+        "status",
+        help="what the daemon serving MOUNTPOINT is doing",
+        description="Ask the daemon serving MOUNTPOINT, through the mount itself (the "
+        f"read-only attribute {STATUS_XATTR} of its root): its PID, SOURCE, options and "
+        "key ids (never a key), uptime, open files, files with unpublished writes, commits "
+        "done and failed, bytes read and written, DECRYPTION_FAILED files seen, the last "
+        "error.",
+        epilog=f"Exit status: {OK} answered; {USAGE} not a stormfs mount.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a stormfs mount")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_status)
     return parser
 
 

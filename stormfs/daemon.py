@@ -18,6 +18,7 @@ import trio
 from . import notify
 from .fs import Operations
 from .keys import Keyring
+from .stats import Stats
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,18 @@ class MountOptions:
     readahead_kb: int = 1024
     # Run metadata syscalls in threads too (for a SOURCE on a network filesystem).
     metadata_threads: bool = False
+
+    def describe(self) -> list[str]:
+        """The options in effect, as `-o` would give them (the key file's path included,
+        never its content)."""
+        out = sorted(self.fuse)
+        out += [f"entry_timeout={self.entry_timeout:g}", f"attr_timeout={self.attr_timeout:g}"]
+        out.append(f"readahead_kb={self.readahead_kb}")
+        if self.metadata_threads:
+            out.append("metadata_threads")
+        if self.key_file:
+            out.append(f"key_file={self.key_file}")
+        return out
 
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
@@ -137,11 +150,20 @@ def serve(
     os.umask(0)
     store = Store(source, keyring.current if keyring else None)
     try:
+        stats = Stats(
+            source=source,
+            mountpoint=mountpoint,
+            options=opts.describe(),
+            key_ids=keyring.key_ids() if keyring else [],
+            current_key_id=keyring.current.key_id if keyring else None,
+        )
+        stats.listen(logging.getLogger("stormfs"))
         ops = Operations(
             store,
             entry_timeout=opts.entry_timeout,
             attr_timeout=opts.attr_timeout,
             metadata_threads=opts.metadata_threads,
+            stats=stats,
         )
         fuse_opts = {
             *opts.fuse,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -30,6 +31,7 @@ from . import format as fmt
 from .content import EnvelopeReader, Identity, PlainReader, Reader
 from .inodes import InodeTable, Node
 from .source import KEY_ID_XATTR, VIRTUAL_XATTR_PREFIX, At, is_hidden, renameat2, sync_dir
+from .stats import STATUS_XATTR, Stats
 from .store import Store
 from .working import WorkingCopy
 
@@ -106,9 +108,11 @@ class Operations(pyfuse3.Operations):
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
         metadata_threads: bool = False,
+        stats: Stats | None = None,
     ) -> None:
         super().__init__()
         self.store = store
+        self.stats = stats or Stats()
         self.table = InodeTable(os.open(store.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -277,9 +281,11 @@ class Operations(pyfuse3.Operations):
 
         try:
             reader = await self._run(working.commit, publish)
-        except BaseException:
+        except BaseException as e:
             node.cached = None
+            self.stats.committed(e)
             raise
+        self.stats.committed()
         old, node.reader = node.reader, reader
         node.working = None
         node.times = None
@@ -646,7 +652,9 @@ class Operations(pyfuse3.Operations):
             source = node.working or node.reader
             if source is None:
                 raise OSError(errno.EBADF, "file is not open")
-            return await self._io(size, source.read, off, size)
+            data = await self._io(size, source.read, off, size)
+        self.stats.bytes_read += len(data)
+        return data
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -659,6 +667,7 @@ class Operations(pyfuse3.Operations):
                 raise
             node.mtime_ns = time.time_ns()
             node.times = None
+        self.stats.bytes_written += len(buf)
         return len(buf)
 
     @_boundary
@@ -775,6 +784,19 @@ class Operations(pyfuse3.Operations):
             XATTR_FORMAT: layout.name.encode(),
         }
 
+    def _status(self) -> dict[str, Any]:
+        """Blocking: `stormfs status` (read-only, unlisted: `cp -a` of the root skips it)."""
+        nodes = {h.node for h in self._handles.values() if isinstance(h, Handle)}
+        pending = {}
+        for node in nodes:
+            if node.working is not None:
+                try:
+                    name = self.store.rel(self._at(node))
+                except OSError:
+                    name = f"(unlinked, inode {node.inode})"
+                pending[name] = node.working.size
+        return self.stats.report(len(nodes), pending)
+
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
@@ -782,6 +804,8 @@ class Operations(pyfuse3.Operations):
             # Answered without a syscall: the kernel asks for security.capability
             # on every write and ls for ACLs on every file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if key == STATUS_XATTR and inode == pyfuse3.ROOT_INODE:
+            return json.dumps(await self._meta(self._status)).encode()
         node = self.table.get(inode)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             value = (await self._meta(self._virtual_xattrs, node)).get(key)
