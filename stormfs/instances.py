@@ -119,7 +119,7 @@ class Lease:
 
     def owner_gone(self, now: float) -> bool:
         """Whether the daemon that held this lease is proven gone (its lock being free)."""
-        if self.same_machine():
+        if self.same_machine() and self.start:
             return start_time(self.pid) != self.start
         return now - self.renewed > LEASE_EXPIRY
 

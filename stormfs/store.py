@@ -168,7 +168,7 @@ class Store:
                 except BlockingIOError:
                     return False  # a live daemon holds it
                 if not owner_gone(entry.path, now):
-                    return False  # free, but its owner still renews its lease
+                    return False  # free, but its owner is not proven gone
             for rec in sorted(os.listdir(entry.path)):
                 if rec.startswith(b"redo-") and not is_silly(rec):
                     self._replay(entry.path, rec)
