@@ -410,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
         "key_file=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
-        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
+        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS), "
+        "metrics_file=PATH (the counters of stormfs status in Prometheus' text format, "
+        "rewritten every 15 s). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )

@@ -784,9 +784,10 @@ class Operations(pyfuse3.Operations):
             XATTR_FORMAT: layout.name.encode(),
         }
 
-    def _status(self) -> dict[str, Any]:
-        """Blocking: `stormfs status` (read-only, unlisted: `cp -a` of the root skips it)."""
-        nodes = {h.node for h in self._handles.values() if isinstance(h, Handle)}
+    def status(self) -> dict[str, Any]:
+        """Blocking: `stormfs status` and the metrics file (`stats.Stats.report`)."""
+        # One copy first: with -o metadata_threads this runs beside the request loop.
+        nodes = {h.node for h in list(self._handles.values()) if isinstance(h, Handle)}
         pending = {}
         for node in nodes:
             if node.working is not None:
@@ -805,7 +806,8 @@ class Operations(pyfuse3.Operations):
             # on every write and ls for ACLs on every file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if key == STATUS_XATTR and inode == pyfuse3.ROOT_INODE:
-            return json.dumps(await self._meta(self._status)).encode()
+            # Read-only and unlisted: `cp -a` of the root does not carry it.
+            return json.dumps(await self._meta(self.status)).encode()
         node = self.table.get(inode)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             value = (await self._meta(self._virtual_xattrs, node)).get(key)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATUS_XATTR = "user.stormfs.status"
+# How often `-o metrics_file=` is rewritten.
+METRICS_INTERVAL = 15.0
 # The last DECRYPTION_FAILED paths kept.
 RECENT = 5
 FAILED_PREFIX = "DECRYPTION_FAILED: "
@@ -85,6 +87,47 @@ class Stats:
             "last_error": self.last_error,
             "last_error_at": None if self.last_error_at is None else round(self.last_error_at, 3),
         }
+
+
+# Prometheus metrics from a report: (name, type, help, report field).
+METRICS = (
+    ("stormfs_uptime_seconds", "gauge", "Seconds since the daemon started.", "uptime_seconds"),
+    ("stormfs_open_files", "gauge", "Files open through the mount.", "open_files"),
+    ("stormfs_unpublished_files", "gauge", "Files with writes not yet committed.",
+     "unpublished_files"),
+    ("stormfs_unpublished_bytes", "gauge", "Size of the files with writes not yet committed.",
+     "unpublished_bytes"),
+    ("stormfs_commits_total", "counter", "New versions committed to SOURCE.", "commits"),
+    ("stormfs_commits_failed_total", "counter", "Commits that failed.", "commits_failed"),
+    ("stormfs_read_bytes_total", "counter", "Plaintext bytes served.", "bytes_read"),
+    ("stormfs_written_bytes_total", "counter", "Plaintext bytes received.", "bytes_written"),
+    ("stormfs_decryption_failed_total", "counter", "DECRYPTION_FAILED files met.",
+     "decryption_failed"),
+    ("stormfs_last_error_timestamp_seconds", "gauge",
+     "When the daemon last logged an error (0: never).", "last_error_at"),
+)  # fmt: skip
+
+
+def prometheus(report: dict[str, Any]) -> str:
+    """A report in Prometheus' text format (for node_exporter's textfile collector)."""
+    labels = f'mountpoint="{_label(report["mountpoint"])}"'
+    info = ",".join(
+        f'{k}="{_label(str(report[k] or ""))}"'
+        for k in ("source", "format", "current_key_id", "pid")
+    )
+    lines = [
+        "# HELP stormfs_info The daemon serving the mount.",
+        "# TYPE stormfs_info gauge",
+        f"stormfs_info{{{labels},{info}}} 1",
+    ]
+    for name, kind, text, key in METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines.append(f"{name}{{{labels}}} {report[key] or 0}")
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class _Errors(logging.Handler):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from stormfs.exitcodes import OK, USAGE
+from stormfs.stats import METRICS_INTERVAL
 
-from .conftest import Mount, MountFactory, stormfs_cmd
+from .conftest import Mount, MountFactory, stormfs_cmd, wait_for
 from .test_view import storm_cloud_envelope
 
 
@@ -73,3 +76,34 @@ def test_status_of_something_else_says_so(tmp_path: Path, mounted: Mount):
     assert "is not a stormfs mount" in done.stderr
     s = json.loads(status(mounted.mnt, "--json").stdout)
     assert (s["commits"], s["open_files"], s["last_error"]) == (0, 0, None)
+
+
+def test_metrics_file_has_the_counters_in_prometheus_text_format(
+    mount_factory: MountFactory, tmp_path: Path
+):
+    """Written at start and every 15 s, whole each time (renamed over the old one)."""
+    prom = tmp_path / "textfile" / "stormfs.prom"
+    prom.parent.mkdir()
+    m = mount_factory(args=("-o", f"metrics_file={prom}"))
+    wait_for(prom.exists)
+    first = prom.read_text()
+    assert f'stormfs_commits_total{{mountpoint="{m.mnt}"}} 0' in first
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+    (m.mnt / "f").write_bytes(b"x" * 100)
+    ino = prom.stat().st_ino
+    wait_for(lambda: prom.stat().st_ino != ino, timeout=METRICS_INTERVAL + 10)
+    text = prom.read_text()
+    sample = re.compile(r'^(stormfs_\w+)\{mountpoint="[^"]*"(,\w+="[^"]*")*\} (\S+)$')
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) stormfs_\w+ .+$", line), line
+            continue
+        match = sample.match(line)
+        assert match, line
+        values[match.group(1)] = float(match.group(3))
+    assert values["stormfs_commits_total"] == 1
+    assert values["stormfs_written_bytes_total"] == 100
+    assert values["stormfs_info"] == 1 and f'pid="{m.pid}"' in text
+    assert values["stormfs_uptime_seconds"] >= METRICS_INTERVAL
+    assert os.listdir(prom.parent) == ["stormfs.prom"]
