@@ -46,7 +46,7 @@ class Stats:
     def committed(self, error: BaseException | None = None) -> None:
         if error is None:
             self.commits += 1
-        else:
+        elif isinstance(error, Exception):  # not a cancellation at shutdown
             self.commits_failed += 1
             self.error(f"commit failed: {error}")
 

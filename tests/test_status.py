@@ -107,3 +107,23 @@ def test_metrics_file_has_the_counters_in_prometheus_text_format(
     assert values["stormfs_info"] == 1 and f'pid="{m.pid}"' in text
     assert values["stormfs_uptime_seconds"] >= METRICS_INTERVAL
     assert os.listdir(prom.parent) == ["stormfs.prom"]
+
+
+def test_a_failed_commit_is_counted_and_is_the_last_error(mounted: Mount):
+    (mounted.mnt / "f").write_bytes(b"before")
+
+    def now() -> dict:
+        return json.loads(os.getxattr(mounted.mnt, "user.stormfs.status"))
+
+    subprocess.run(["chattr", "+i", str(mounted.source / "f")], check=True)
+    try:
+        with pytest.raises(OSError):
+            (mounted.mnt / "f").write_bytes(b"after")
+        # the kernel's release follows close(): its last try logs that it gave up
+        wait_for(lambda: "pending writes to inode" in (now()["last_error"] or ""))
+        s = now()
+    finally:
+        subprocess.run(["chattr", "-i", str(mounted.source / "f")], check=True)
+    # close() (flush) tried, then the last release tried once more, and gave up
+    assert (s["commits"], s["commits_failed"], s["open_files"]) == (1, 2, 0)
+    assert s["last_error_at"] > 0
