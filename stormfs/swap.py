@@ -65,11 +65,19 @@ def exchange(dir_fd: int, a: bytes, b: bytes) -> None:
     renameat2(dir_fd, a, dir_fd, b, RENAME_EXCHANGE)
 
 
+PROBE_PREFIX = b"exchange-probe-"
+
+
 def cannot_exchange(dir_fd: int) -> OSError | None:
     """Why names cannot be exchanged on the filesystem of `dir_fd` (None: they can),
-    found by exchanging two empty files made there for the purpose."""
+    found by exchanging two empty files made there for the purpose.  `dir_fd` is a
+    directory of stormfs' own, held under a lock: any probe file in it is stale."""
+    for stale in map(os.fsencode, os.listdir(dir_fd)):  # from a run killed while it probed
+        if stale.startswith(PROBE_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale, dir_fd=dir_fd)
     tag = secrets.token_hex(4).encode()
-    names = (b"exchange-probe-a-" + tag, b"exchange-probe-b-" + tag)
+    names = (PROBE_PREFIX + b"a-" + tag, PROBE_PREFIX + b"b-" + tag)
     try:
         for name in names:
             os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd))

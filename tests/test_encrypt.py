@@ -382,3 +382,14 @@ def test_refuses_a_source_that_cannot_exchange_names(silly_source, key: str):
     assert snapshot(src, atime=False) == before
     assert leftovers(src) == []
     assert os.listdir(src / ".stormfs" / "encrypt") == ["lock"]
+
+
+def test_a_probe_left_by_a_killed_run_is_removed(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    data = legacy_bytes(100)
+    write(src / "legacy.txt", data)
+    (src / ".stormfs" / "encrypt").mkdir(parents=True)
+    (src / ".stormfs" / "encrypt" / "exchange-probe-a-0000dead").write_bytes(b"")
+    assert stormfs("encrypt", str(src), "--force", key=key).returncode == OK
+    assert os.listdir(src / ".stormfs" / "encrypt") == ["lock"]
+    assert plain_decrypt(key, (src / "legacy.txt").read_bytes()) == data
