@@ -14,6 +14,7 @@ STORMFS := $(VENV)/bin/stormfs
 # inode-identity tests.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr fio rsync sqlite3 git tar psmisc systemd
 APT_PACKAGES += systemd-container debootstrap e2fsprogs
+APT_PACKAGES += glusterfs-server glusterfs-client
 SYS_STAMP := $(VENV)/.system-packages
 PY_STAMP  := $(VENV)/.python-packages
 

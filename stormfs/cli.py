@@ -7,6 +7,7 @@ this module prints them and picks the exit status.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -18,18 +19,19 @@ from typing import Any
 from . import __version__, hygiene, keycheck, keys, notify
 from .audit import audit
 from .daemon import MountError, MountOptions, check_paths, serve
-from .encrypt import DEFAULT_JOBS, Busy, dry_run, encrypt
+from .encrypt import DEFAULT_JOBS, Busy, CannotSwap, dry_run, encrypt
 from .exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, MOUNT_FAILED, OK, USAGE, WORK_TO_DO
 from .keyuse import StillNeeded, census, retire
 from .pipeline import Done, Outcome
 from .plan import Job
 from .progress import Progress
 from .scan import display
+from .stats import STATUS_XATTR
 from .units import human_bytes, human_duration
 
 log = logging.getLogger("stormfs")
 
-COMMANDS = ("mount", "check", "keygen", "audit", "encrypt", "rotate", "keys")
+COMMANDS = ("mount", "check", "keygen", "audit", "encrypt", "rotate", "keys", "status")
 LOG_FORMAT = "%(asctime)s stormfs[%(process)d] %(levelname)s %(message)s"
 
 
@@ -187,6 +189,43 @@ def _keygen(args: argparse.Namespace) -> int:
     return OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    try:
+        raw = os.getxattr(args.mountpoint, STATUS_XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            _err(f"{args.mountpoint} is not a stormfs mount")
+        else:
+            _err(f"{args.mountpoint}: {e.strerror}")
+        return USAGE
+    status = json.loads(raw)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return OK
+    s = status
+    print(f"stormfs mount {s['mountpoint']} of {s['source']}")
+    print(f"  daemon:        PID {s['pid']}, up {human_duration(s['uptime_seconds'])}")
+    print(f"  options:       {','.join(s['options']) or '(defaults)'}; writes {s['format']}")
+    keys_in_use = ", ".join(s["key_ids"]) or "none"
+    print(f"  keys:          current id {s['current_key_id'] or '(no key)'}; ids {keys_in_use}")
+    print(f"  open files:    {s['open_files']}")
+    print(
+        f"  unpublished:   {s['unpublished_files']} file(s), {human_bytes(s['unpublished_bytes'])}"
+    )
+    for f in s["unpublished"]:
+        print(f"    {f['path']}  {human_bytes(f['bytes'])}")
+    print(f"  commits:       {s['commits']} done, {s['commits_failed']} failed")
+    print(
+        f"  transferred:   {human_bytes(s['bytes_read'])} read, "
+        f"{human_bytes(s['bytes_written'])} written"
+    )
+    print(f"  DECRYPTION_FAILED: {s['decryption_failed']}")
+    for path in s["decryption_failed_recent"]:
+        print(f"    {path}")
+    print(f"  last error:    {s['last_error'] or 'none'}")
+    return OK
+
+
 def _source_dir(arg: str) -> str | None:
     source = os.path.realpath(arg)
     if not os.path.isdir(source):
@@ -303,6 +342,16 @@ def _encrypt(args: argparse.Namespace) -> int:
         except Busy:
             _err(f"another stormfs encrypt is running on {source}")
             return BUSY
+        except CannotSwap as e:
+            _err(
+                f"cannot encrypt in place on {source}: its filesystem cannot exchange two "
+                f"names atomically (renameat2 RENAME_EXCHANGE: {e}), which swapping a sealed "
+                "copy in while the file may be in use needs. Nothing was changed. Encrypt "
+                "the files through the mount instead: a legacy file written through a "
+                "stormfs mount is stored encrypted (for one file: dd if=FILE of=FILE bs=1 "
+                "count=1 conv=notrunc, FILE being its path on the mount)."
+            )
+            return USAGE
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -515,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default_permissions, auto_unmount, ro, nosuid, nodev, noexec, noatime, "
         "key_file=PATH, keyring=PATH, entry_timeout=SECONDS, attr_timeout=SECONDS (default 1), "
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
-        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS). "
+        "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS), "
+        "metrics_file=PATH (the counters of stormfs status in Prometheus' text format, "
+        "rewritten every 15 s). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )
@@ -650,6 +701,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
     _keyring_option(p)
     p.set_defaults(func=_keys)
+
+    p = sub.add_parser(
+        "status",
+        help="what the daemon serving MOUNTPOINT is doing",
+        description="Ask the daemon serving MOUNTPOINT, through the mount itself (the "
+        f"read-only attribute {STATUS_XATTR} of its root): its PID, SOURCE, options and "
+        "key ids (never a key), uptime, open files, files with unpublished writes, commits "
+        "done and failed, bytes read and written, DECRYPTION_FAILED files seen, the last "
+        "error.",
+        epilog=f"Exit status: {OK} answered; {USAGE} not a stormfs mount.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a stormfs mount")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_status)
     return parser
 
 

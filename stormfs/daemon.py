@@ -18,6 +18,8 @@ import trio
 from . import notify
 from .fs import Operations
 from .keys import Keyring
+from .source import open_dir, write_atomically
+from .stats import METRICS_INTERVAL, Stats, prometheus
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,24 @@ class MountOptions:
     readahead_kb: int = 1024
     # Run metadata syscalls in threads too (for a SOURCE on a network filesystem).
     metadata_threads: bool = False
+    # Counters in Prometheus' text format, rewritten every METRICS_INTERVAL seconds.
+    metrics_file: str | None = None
+
+    def describe(self) -> list[str]:
+        """The options in effect, as `-o` would give them (the key file's path included,
+        never its content)."""
+        out = sorted(self.fuse)
+        out += [f"entry_timeout={self.entry_timeout:g}", f"attr_timeout={self.attr_timeout:g}"]
+        out.append(f"readahead_kb={self.readahead_kb}")
+        if self.metadata_threads:
+            out.append("metadata_threads")
+        if self.key_file:
+            out.append(f"key_file={self.key_file}")
+        if self.keyring:
+            out.append(f"keyring={self.keyring}")
+        if self.metrics_file:
+            out.append(f"metrics_file={self.metrics_file}")
+        return out
 
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
@@ -81,6 +101,8 @@ class MountOptions:
                     opts.key_file = value
                 elif name == "keyring" and value:
                     opts.keyring = value
+                elif name == "metrics_file" and value:
+                    opts.metrics_file = os.path.abspath(value)
                 elif name in ("entry_timeout", "attr_timeout") and value:
                     try:
                         seconds = float(value)
@@ -140,11 +162,20 @@ def serve(
     os.umask(0)
     store = Store(source, keyring)
     try:
+        stats = Stats(
+            source=source,
+            mountpoint=mountpoint,
+            options=opts.describe(),
+            key_ids=keyring.key_ids() if keyring else [],
+            current_key_id=keyring.current.key_id if keyring else None,
+        )
+        stats.listen(logging.getLogger("stormfs"))
         ops = Operations(
             store,
             entry_timeout=opts.entry_timeout,
             attr_timeout=opts.attr_timeout,
             metadata_threads=opts.metadata_threads,
+            stats=stats,
         )
         fuse_opts = {
             *opts.fuse,
@@ -182,6 +213,8 @@ async def _main(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_announce, mountpoint, opts, ready, refused)
+        if opts.metrics_file:
+            nursery.start_soon(_write_metrics, ops, opts.metrics_file)
         await pyfuse3.main()
         await ops.drain()
         nursery.cancel_scope.cancel()
@@ -218,6 +251,30 @@ async def _announce(
     _set_readahead(st.st_dev, opts.readahead_kb)
     log.info("mounted %s", mountpoint)
     ready()
+
+
+async def _write_metrics(ops: Operations, path: str) -> None:
+    """Rewrite the metrics file atomically every METRICS_INTERVAL seconds."""
+    failing = False
+    while True:
+        try:
+            text = prometheus(ops.status())
+            await trio.to_thread.run_sync(_replace_file, path, text.encode())
+        except OSError as e:
+            if not failing:
+                log.warning("cannot write the metrics file %s: %s", path, e.strerror)
+            failing = True
+        else:
+            failing = False
+        await trio.sleep(METRICS_INTERVAL)
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    dir_fd = open_dir(os.path.dirname(path))
+    try:
+        write_atomically(dir_fd, os.path.basename(path), data, mode=0o644, durable=False)
+    finally:
+        os.close(dir_fd)
 
 
 def seen_by_system(mountpoint: str, dev: int, mountinfo: str = SYSTEM_MOUNTINFO) -> bool | None:

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from . import swap
 from .journal import STATE_SUBDIR, recover_journals
 from .keys import Key, Keyring
 from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome
@@ -41,6 +42,11 @@ RETRYABLE = ("changed", "busy", "hard_links")
 
 class Busy(Exception):
     """Another `stormfs encrypt` or `stormfs rotate` holds the lock of this SOURCE."""
+
+
+class CannotSwap(Exception):
+    """SOURCE's filesystem cannot exchange names (GlusterFS, some FUSE filesystems):
+    sealed copies cannot be swapped in without risking a concurrent commit."""
 
 
 class Progress(Protocol):
@@ -87,6 +93,9 @@ def encrypt(
     with _exclusive(root) as state_fd:
         if state_fd is None:
             raise Busy(os.fsdecode(root))
+        why = swap.cannot_exchange(state_fd)
+        if why is not None:
+            raise CannotSwap(why.strerror)
         return _encrypt_all(root, key, workers, progress, state_fd, keyring, include_legacy)
 
 

@@ -117,6 +117,10 @@ class Keyring:
         self.current = current
         self._by_id = {k.key_id: k for k in (*others, current)}
 
+    def key_ids(self) -> list[str]:
+        """The ids of every key in the ring (never the keys)."""
+        return sorted(self._by_id)
+
     def get(self, key_id: str) -> Key | None:
         return self._by_id.get(key_id)
 

@@ -72,5 +72,9 @@ class Handles:
             raise OSError(errno.EBADF, "not an open directory")
         return h
 
+    def open_files(self) -> list[Handle]:
+        """A copy: `stormfs status` may run beside the request loop (-o metadata_threads)."""
+        return [h for h in list(self._handles.values()) if isinstance(h, Handle)]
+
     def pop(self, fh: int) -> Handle | DirHandle | None:
         return self._handles.pop(fh, None)

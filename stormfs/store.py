@@ -4,11 +4,12 @@ Everything here is blocking and runs off the trio thread.
 
 Private state lives in ``SOURCE/.stormfs/`` (mode 0700).  Each running daemon
 owns an *instance directory* ``.stormfs/tmp/<host>.<pid>.<random>/`` holding its
-temporary envelopes, unlinked scratch files and redo records, with an exclusive
-``flock`` on ``lock`` for as long as it lives.  At start, instance directories
-whose lock is free belong to dead daemons: their redo records are replayed and
-the directory removed.  So a crash leaves nothing visible and nothing torn, and
-several daemons (on one host or over shared storage) can use one SOURCE.
+temporary envelopes, unlinked scratch files and redo records, with a lock and a
+lease that tell other daemons it is alive (`instances`).  At start, the
+directories of daemons proven gone are taken over: their redo records are
+replayed and the directory removed.  So a crash leaves nothing visible and
+nothing torn, and several daemons (on one host or over shared storage) can use
+one SOURCE.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import stat
 import time
@@ -37,6 +37,16 @@ from .content import (
     Reported,
     V2Reader,
     Verdicts,
+)
+from .instances import (
+    GONE,
+    LOCK,
+    STARTING,
+    STARTING_GRACE,
+    Renewal,
+    is_silly,
+    owner_gone,
+    remove_leftover,
 )
 from .keys import Keyring
 from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
@@ -56,11 +66,6 @@ from .source import (
 )
 
 log = logging.getLogger(__name__)
-
-# An instance directory's name while its daemon is starting, and how long a
-# daemon may take from creating it to locking it.
-STARTING = b".starting"
-STARTING_GRACE = 60.0
 
 
 @dataclass
@@ -117,54 +122,104 @@ class Store:
         self._tmp_parent = state_dir(self.root, b"tmp")
         name = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}".encode()
         self.instance = os.path.join(self._tmp_parent, name)
-        # Locked before it takes its name, so another daemon's recovery never
-        # sees this instance directory unlocked.
+        # Locked and leased before it takes its name, so another daemon's recovery
+        # never sees this instance directory without its owner's marks.
         staging = self.instance + STARTING
         os.mkdir(staging, 0o700)
-        self._lock_fd = open_lock(os.path.join(staging, b"lock"))
+        self._lock_fd = open_lock(os.path.join(staging, LOCK))
         lock(self._lock_fd, wait=False)
+        self.instance_fd = open_dir(staging)
+        self._lease = Renewal(self.instance_fd)
         os.rename(staging, self.instance)
-        self.instance_fd = open_dir(self.instance)
+        self._lease.start()
         self._state_dev = os.fstat(self.instance_fd).st_dev
         self._seq = 0
+        self._reported: set[bytes] = set()
         self.recover()
 
     # ---- lifecycle --------------------------------------------------------
 
     def recover(self) -> int:
-        """Finish what dead daemons left: replay redo records, remove their files."""
+        """Finish what gone daemons left: replay their redo records, remove their files.
+
+        Never raises for a leftover it cannot remove: that is logged once and left
+        for a later start."""
         cleaned = 0
+        now = time.time()
         for entry in os.scandir(self._tmp_parent):
-            if entry.path == self.instance or not entry.is_dir(follow_symlinks=False):
+            name = os.fsencode(entry.name)
+            if entry.path == self.instance or name.endswith(GONE):
                 continue
             try:
-                lock_fd = open_lock(os.path.join(entry.path, b"lock"), create=False)
-            except FileNotFoundError:
-                lock_fd = -1
-                if entry.name.endswith(STARTING) and _age(entry) < STARTING_GRACE:
-                    continue  # a daemon between its mkdir and its lock
-            try:
-                if lock_fd >= 0:
-                    try:
-                        lock(lock_fd, wait=False)
-                    except BlockingIOError:
-                        continue  # a live daemon owns it
-                for rec in sorted(os.listdir(entry.path)):
-                    if rec.startswith(b"redo-"):
-                        self._replay(entry.path, rec)
-                shutil.rmtree(entry.path)
-                cleaned += 1
-            finally:
-                if lock_fd >= 0:
-                    os.close(lock_fd)
+                if entry.is_dir(follow_symlinks=False) and self._take_over(entry, name, now):
+                    cleaned += 1
+            except OSError as e:
+                self._report(name, f"cannot recover it: {e.strerror}")
+        self._sweep()
         if cleaned:
             log.info("cleaned up after %d stopped daemon(s)", cleaned)
         return cleaned
 
+    def _take_over(self, entry: os.DirEntry[bytes], name: bytes, now: float) -> bool:
+        """Replay the redo records of a gone daemon's directory and retire it."""
+        try:
+            lock_fd = open_lock(os.path.join(entry.path, LOCK), create=False)
+        except FileNotFoundError:
+            lock_fd = -1
+            if name.endswith(STARTING) and _age(entry) < STARTING_GRACE:
+                return False  # a daemon between its mkdir and its lock
+        try:
+            if lock_fd >= 0:
+                try:
+                    lock(lock_fd, wait=False)
+                except BlockingIOError:
+                    return False  # a live daemon holds it
+                if not owner_gone(entry.path, now):
+                    return False  # free, but its owner is not proven gone
+            for rec in sorted(os.listdir(entry.path)):
+                if rec.startswith(b"redo-") and not is_silly(rec):
+                    self._replay(entry.path, rec)
+            try:
+                os.rename(entry.path, entry.path + GONE)
+            except FileNotFoundError:
+                return False  # another daemon took it over first
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+        return True
+
+    def _sweep(self) -> None:
+        """Remove retired directories; what cannot be removed yet is logged once."""
+        for entry in os.scandir(self._tmp_parent):
+            name = os.fsencode(entry.name)
+            if name.endswith(GONE):
+                left = remove_leftover(entry.path)
+                if left:
+                    held = [n for n in left if is_silly(n)]
+                    why = (
+                        f"{len(held)} file(s) still open in some process ({os.fsdecode(held[0])})"
+                        if held
+                        else f"{os.fsdecode(left[0])} cannot be removed"
+                    )
+                    self._report(name, f"{why}; removed at a later start")
+
+    def _report(self, name: bytes, why: str) -> None:
+        if name not in self._reported:
+            self._reported.add(name)
+            log.warning("left .stormfs/tmp/%s: %s", os.fsdecode(name), why)
+
     def close(self) -> None:
-        shutil.rmtree(self.instance, ignore_errors=True)
+        self._lease.stop()
+        retired = self.instance + GONE
+        try:
+            os.rename(self.instance, retired)
+        except OSError as e:
+            log.debug("instance directory not retired: %s", e.strerror)
+            retired = self.instance
         os.close(self.instance_fd)
         os.close(self._lock_fd)
+        if remove_leftover(retired):
+            log.debug("instance directory left for a later start to remove")
 
     # ---- paths and classification -----------------------------------------
 

@@ -9,9 +9,11 @@ a new version over the name in the meantime.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import secrets
 
 from .source import RENAME_EXCHANGE, renameat2
 
@@ -61,6 +63,34 @@ def lease_intact(fd: int) -> bool:
 def exchange(dir_fd: int, a: bytes, b: bytes) -> None:
     """Atomically swap two names in one directory (renameat2 RENAME_EXCHANGE)."""
     renameat2(dir_fd, a, dir_fd, b, RENAME_EXCHANGE)
+
+
+PROBE_PREFIX = b"exchange-probe-"
+
+
+def cannot_exchange(dir_fd: int) -> OSError | None:
+    """Why names cannot be exchanged on the filesystem of `dir_fd` (None: they can),
+    found by exchanging two empty files made there for the purpose.  `dir_fd` is a
+    directory of stormfs' own, held under a lock: any probe file in it is stale."""
+    for stale in map(os.fsencode, os.listdir(dir_fd)):  # from a run killed while it probed
+        if stale.startswith(PROBE_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale, dir_fd=dir_fd)
+    tag = secrets.token_hex(4).encode()
+    names = (PROBE_PREFIX + b"a-" + tag, PROBE_PREFIX + b"b-" + tag)
+    try:
+        for name in names:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd))
+        exchange(dir_fd, *names)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return e
+        raise
+    finally:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+    return None
 
 
 def put_back(dir_fd: int, hold: bytes, name: bytes, placed: tuple[int, int]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,11 +23,14 @@ from hypothesis import settings
 
 from .helpers import (
     MOUNT_TIMEOUT,
+    STOP_TIMEOUT,
     Mount,
     MountFactory,
+    force_unmount,
     is_mounted,
     scrubbed_env,
     stormfs_cmd,
+    wait_for,
 )
 from .keyscan import leaked_in, new_key, redact
 
@@ -38,7 +42,7 @@ settings.load_profile("default")
 
 
 # Tests that mount file systems: they need root and /dev/fuse.
-MOUNTING_FIXTURES = {"mount_factory", "mounted", "ext4_image", "tmpfs", "dirs"}
+MOUNTING_FIXTURES = {"mount_factory", "mounted", "ext4_image", "tmpfs", "dirs", "silly_source"}
 
 
 def _cannot_mount() -> str | None:
@@ -168,6 +172,44 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
             done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def silly_source(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Make SOURCE directories served by tests/sillyfs.py (a FUSE passthrough that
+    silly-renames files unlinked while open); each is unmounted in teardown.
+
+    Request it before `mount_factory`, so that stormfs mounts on top are stopped first.
+    """
+    made: list[tuple[subprocess.Popen, Path]] = []
+
+    def make(name: str = "silly", *, xattrs: bool = True) -> Path:
+        backing, path = tmp_path / f"{name}-backing", tmp_path / name
+        backing.mkdir()
+        path.mkdir()
+        cmd = [sys.executable, "-m", "tests.sillyfs", str(backing), str(path)]
+        with open(tmp_path / f"{name}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                cmd + ([] if xattrs else ["--no-xattr"]),
+                cwd=Path(__file__).resolve().parent.parent,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        made.append((proc, path))
+        wait_for(lambda: is_mounted(path) or proc.poll() is not None, MOUNT_TIMEOUT)
+        assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
+        return path
+
+    yield make
+    for proc, path in reversed(made):
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if is_mounted(path):
+            force_unmount(path)
 
 
 @pytest.fixture

@@ -106,8 +106,11 @@ class Mount:
         return self.proc.pid
 
     def instance_dirs(self) -> list[str]:
-        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet cleaned)."""
-        return sorted(os.listdir(self.source / ".stormfs" / "tmp"))
+        """Names in SOURCE/.stormfs/tmp/: one per daemon alive (or dead and not yet taken
+        over); directories already retired (``*.gone``, being removed) are not counted."""
+        return sorted(
+            n for n in os.listdir(self.source / ".stormfs" / "tmp") if not n.endswith(".gone")
+        )
 
     @property
     def raw_key(self) -> bytes:

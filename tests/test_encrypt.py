@@ -365,3 +365,30 @@ def test_envelopes_are_never_encrypted_twice(tmp_path: Path, key: str):
     for _ in range(2):
         assert stormfs("encrypt", str(src), "--force", key=key).returncode == OK
     assert (src / "e").read_bytes() == envelope
+
+
+def test_refuses_a_source_that_cannot_exchange_names(silly_source, key: str):
+    """tests/sillyfs.py, like GlusterFS, answers RENAME_EXCHANGE with EINVAL: encrypt
+    stops before it touches a file, says why and what to do instead, and leaves nothing."""
+    src = silly_source()
+    write(src / "legacy.txt", legacy_bytes(5000))
+    before = snapshot(src, atime=False)
+    done = stormfs("encrypt", str(src), "--force", key=key)
+    assert done.returncode == USAGE, done.stderr
+    assert "cannot exchange two names atomically (renameat2 RENAME_EXCHANGE" in done.stderr
+    assert "Encrypt the files through the mount instead" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert snapshot(src, atime=False) == before
+    assert leftovers(src) == []
+    assert os.listdir(src / ".stormfs" / "encrypt") == ["lock"]
+
+
+def test_a_probe_left_by_a_killed_run_is_removed(tmp_path: Path, key: str):
+    src = tmp_path / "src"
+    data = legacy_bytes(100)
+    write(src / "legacy.txt", data)
+    (src / ".stormfs" / "encrypt").mkdir(parents=True)
+    (src / ".stormfs" / "encrypt" / "exchange-probe-a-0000dead").write_bytes(b"")
+    assert stormfs("encrypt", str(src), "--force", key=key).returncode == OK
+    assert os.listdir(src / ".stormfs" / "encrypt") == ["lock"]
+    assert plain_decrypt(key, (src / "legacy.txt").read_bytes()) == data

@@ -13,30 +13,21 @@ from pathlib import Path
 from stormfs.exitcodes import OK
 
 from .helpers import scrubbed_env
-from .trees import leftovers, plain_decrypt, run_json, write
+from .trees import leftovers, plain_decrypt, random_legacy, run_json, write
 
 KILLS = 12
-SIZES = [0, 1, 28, 29, 100, 4096, 70_000, 300_000, 1_000_000, 2_000_000]
-
-
-def legacy_bytes(rng: random.Random) -> bytes:
-    """Random legacy content; a first byte of 0x01 would make it look like an envelope."""
-    data = bytearray(rng.randbytes(rng.choice(SIZES)))
-    if data[:1] == b"\x01":
-        data[0] = 0
-    return bytes(data)
 
 
 def build(src: Path, rng: random.Random) -> tuple[dict[str, bytes], list[list[str]]]:
     expected: dict[str, bytes] = {}
     for i in range(120):
         rel = f"d{i % 7}/sub{i % 3}/f{i}"
-        expected[rel] = legacy_bytes(rng)
+        expected[rel] = random_legacy(rng)
         write(src / rel, expected[rel])
     groups = []
     for g in range(4):
         names = [f"links/g{g}-{n}" if n else f"d{g}/g{g}" for n in range(g % 3 + 2)]
-        data = b"L" + legacy_bytes(rng)
+        data = b"L" + random_legacy(rng)
         write(src / names[0], data)
         for n in names[1:]:
             (src / n).parent.mkdir(parents=True, exist_ok=True)

@@ -17,26 +17,13 @@ from stormfs.exitcodes import ISSUES_FOUND, OK
 
 from .helpers import MountFactory, scrubbed_env
 from .live_worker import version_bytes
-from .trees import leftovers, plain_decrypt, run_json, stormfs, write
+from .trees import DAEMON_INODE_REUSE, leftovers, legacy, plain_decrypt, run_json, stormfs, write
 
 WORKER = str(Path(__file__).with_name("live_worker.py"))
-# A known fault of the mount, not of encrypt: when another program replaces a
-# file in SOURCE (any temp + rename does, and so does encrypt), the old inode
-# number is freed and the filesystem soon gives it to a new file; the mount's
-# inode table still maps that number to the old file's node, so a lookup of
-# the new file can be served the old file's content.  Reproduced without
-# encrypt by a direct temp + rename writer and a reader through the mount.
-DAEMON_INODE_REUSE = (
-    "the mount served another file's content after a backing inode number was reused"
-)
 
 
 def content(key: str, raw: bytes) -> bytes:
     return plain_decrypt(key, raw) if raw[:1] == b"\x01" else raw
-
-
-def legacy(n: int) -> bytes:
-    return b"L" + os.urandom(n - 1)
 
 
 @pytest.fixture(params=["disk", "tmpfs"])

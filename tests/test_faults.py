@@ -23,6 +23,7 @@ import pytest
 
 from stormfs import format as fmt
 from stormfs import keys
+from stormfs.instances import LEASE_EXPIRY, Lease
 
 from .helpers import Mount, MountFactory, audit, storm_cloud_envelope, wait_for
 
@@ -259,13 +260,15 @@ def check_view(m: Mount, v: Versions, context: str) -> dict[str, int]:
     return outcome
 
 
-def crash_loop(mount_factory: MountFactory, tmp_path: Path, rounds: int) -> dict[str, int]:
+def crash_loop(
+    mount_factory: MountFactory, tmp_path: Path, rounds: int, source: Path | None = None
+) -> dict[str, int]:
     """kill -9 the daemon `rounds` times at random moments while a writer commits;
     after each remount every file is one of its committed versions, nothing else."""
     seed = int(os.environ.get("STORMFS_CRASH_SEED", random.randrange(1 << 32)))
     print(f"crash seed {seed} (rerun with STORMFS_CRASH_SEED={seed})")
     rng = random.Random(seed)
-    source, mnt = tmp_path / "src", tmp_path / "mnt"
+    source, mnt = source or tmp_path / "src", tmp_path / "mnt"
     v = Versions()
     m = mount_factory(source, mnt)
     for name in ("rewrite", "patch", "append", "truncate", "linked", "saved", "synced"):
@@ -289,7 +292,7 @@ def crash_loop(mount_factory: MountFactory, tmp_path: Path, rounds: int) -> dict
         figures["kills"] += 1
         figures["ops"] += writer.ops
         for inst in (source / ".stormfs" / "tmp").iterdir():
-            names = os.listdir(inst)
+            names = os.listdir(inst) if not inst.name.endswith(".gone") else []
             figures["temps"] += sum(n.startswith("t-") for n in names)
             figures["redo"] += sum(n.startswith("redo-") for n in names)
         m = mount_factory(source, mnt)
@@ -319,9 +322,12 @@ def test_kill_9_many_times(mount_factory: MountFactory, tmp_path):
 
 
 def _dead_instance(source: Path, name: str = "deadhost.1.0000dead") -> Path:
+    """The instance directory of a daemon on another server whose lease expired."""
     inst = source / ".stormfs" / "tmp" / name
     inst.mkdir(parents=True)
     (inst / "lock").write_bytes(b"")
+    renewed = time.time() - LEASE_EXPIRY - 1
+    (inst / "lease").write_bytes(Lease("deadhost", 1, 1, "elsewhere", "pid:[1]", renewed).encode())
     return inst
 
 
@@ -422,7 +428,9 @@ def test_full_disk_gives_enospc_and_keeps_previous_versions(tmpfs, mount_factory
         assert m.decrypt("keep") == keep
         assert m.decrypt("small") == small
         (inst,) = (source / ".stormfs" / "tmp").iterdir()
-        wait_for(lambda: os.listdir(inst) == ["lock"])  # the failed commit's temporary is gone
+        wait_for(
+            lambda: sorted(os.listdir(inst)) == ["lease", "lock"]
+        )  # the failed commit's temporary is gone
 
     # write(): a new file streams into a temporary that cannot grow
     def write_big() -> None:
@@ -580,7 +588,9 @@ def test_immutable_backing_file_and_directory(mount_factory: MountFactory):
         assert (m.mnt / "f").read_bytes() == b"before"
         assert _errno_of(lambda: (m.mnt / "d" / "new").write_bytes(b"x")) == errno.EPERM
         (inst,) = m.instance_dirs()
-        wait_for(lambda: os.listdir(m.source / ".stormfs" / "tmp" / inst) == ["lock"])
+        wait_for(
+            lambda: sorted(os.listdir(m.source / ".stormfs" / "tmp" / inst)) == ["lease", "lock"]
+        )
         _still_serves(m)
     finally:
         _chattr("-i", m.source / "f", m.source / "d")

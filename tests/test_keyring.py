@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from stormfs import format as fmt
 from stormfs import format_v2 as v2
 from stormfs import keys
 from stormfs.content import EnvelopeReader, Identity, Opened
@@ -18,23 +17,7 @@ from stormfs.source import At
 from stormfs.store import Store
 
 from .keyscan import new_key
-from .trees import plain_decrypt, run_json, stormfs, write
-
-KEY_ID = "user.stormfs.key_id"
-
-
-def write_keyring(path: Path, ring: dict[str, str]) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("# older keys\n" + "".join(f"{i} {k}\n" for i, k in ring.items()))
-    return str(path)
-
-
-def sealed(path: Path, key: str, data: bytes, recorded: str | None) -> Path:
-    write(path, fmt.seal(keys.parse_key(key), data))
-    if recorded is not None:
-        os.setxattr(path, KEY_ID, recorded.encode())
-    return path
+from .trees import KEY_ID, plain_decrypt, run_json, sealed, stormfs, write, write_keyring
 
 
 def three_key_source(src: Path, k1: str, k2: str, k3: str) -> dict[str, tuple[str | None, bytes]]:

@@ -19,13 +19,22 @@ from stormfs import format as fmt
 from stormfs import keys
 from stormfs.exitcodes import ISSUES_FOUND, OK
 
-from .conftest import MountFactory
+from .helpers import MountFactory
 from .keyscan import new_key
 from .live_worker import version_bytes
-from .test_encrypt_crash import legacy_bytes
-from .test_encrypt_live import DAEMON_INODE_REUSE, legacy
-from .test_keyring import KEY_ID, sealed, write_keyring
-from .trees import leftovers, plain_decrypt, run_json, stormfs, write
+from .trees import (
+    DAEMON_INODE_REUSE,
+    KEY_ID,
+    leftovers,
+    legacy,
+    plain_decrypt,
+    random_legacy,
+    run_json,
+    sealed,
+    stormfs,
+    write,
+    write_keyring,
+)
 
 WORKER = str(Path(__file__).with_name("live_worker.py"))
 KILLS = 10
@@ -113,13 +122,13 @@ def build(src: Path, k1: str, rng: random.Random) -> tuple[dict[str, bytes], lis
     expected: dict[str, bytes] = {}
     for i in range(240):
         rel = f"d{i % 7}/sub{i % 3}/f{i}"
-        expected[rel] = legacy_bytes(rng)
+        expected[rel] = random_legacy(rng)
         # A third carry no key id (as the Storm Cloud server writes them).
         sealed(src / rel, k1, expected[rel], "1" if i % 3 else None)
     groups = []
     for g in range(4):
         names = [f"links/g{g}-{n}" if n else f"d{g}/g{g}" for n in range(g % 3 + 2)]
-        data = legacy_bytes(rng)
+        data = random_legacy(rng)
         sealed(src / names[0], k1, data, "1")
         for n in names[1:]:
             (src / n).parent.mkdir(parents=True, exist_ok=True)

@@ -220,4 +220,6 @@ def test_concurrent_writers_on_two_daemons_end_with_one_complete_version(
     assert sorted(os.listdir(source)) == [".stormfs", "f"]
     for m in (a, b, c):
         inst = next(n for n in m.instance_dirs() if f".{m.pid}." in n)
-        wait_for(lambda i=inst: os.listdir(source / ".stormfs" / "tmp" / i) == ["lock"])
+        wait_for(
+            lambda i=inst: sorted(os.listdir(source / ".stormfs" / "tmp" / i)) == ["lease", "lock"]
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -203,3 +204,39 @@ def test_only_user_xattrs_in_the_view(mounted: Mount):
     # backing attributes outside user.* survive rewrites all the same
     f.write_bytes(b"rewritten")
     assert os.getxattr(mounted.source / "f", "trusted.backing-only") == b"1"
+
+
+def test_xattrs_over_a_source_without_xattr_support(silly_source, mount_factory):
+    """SOURCE answers ENOTSUP to every xattr call: the view still lists and answers its
+    own attributes (getfattr -d works), other user.* attributes are ENOTSUP, no traceback,
+    and `cp -a` off the mount works."""
+    m = mount_factory(silly_source(xattrs=False))
+    (m.mnt / "f").write_bytes(b"secret")
+    with pytest.raises(OSError) as e:
+        os.getxattr(m.source / "f", "user.x")
+    assert e.value.errno == errno.ENOTSUP
+    names = sorted(os.listxattr(m.mnt / "f"))
+    ours = ("encryption_method", "encrypted_size", "key_id", "format")
+    assert names == sorted(f"user.stormfs.{n}" for n in ours)
+    dump = subprocess.run(
+        ["getfattr", "-d", "-m", "-", str(m.mnt / "f")], capture_output=True, text=True
+    )
+    assert dump.returncode == 0, dump.stderr
+    assert 'user.stormfs.encryption_method="server"' in dump.stdout
+    assert 'user.stormfs.encrypted_size="35"' in dump.stdout
+    for call in (
+        lambda: os.setxattr(m.mnt / "f", "user.mine", b"v"),
+        lambda: os.getxattr(m.mnt / "f", "user.mine"),
+        lambda: os.removexattr(m.mnt / "f", "user.mine"),
+    ):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENOTSUP
+    os.setxattr(m.mnt / "f", "user.stormfs.key_id", b"ignored")  # read-only: accepted, ignored
+    assert os.listxattr(m.mnt) == []  # a directory has none of ours
+    copy = subprocess.run(
+        ["cp", "-a", str(m.mnt / "f"), str(m.mnt / "g")], capture_output=True, text=True
+    )
+    assert copy.returncode == 0, copy.stderr
+    assert (m.mnt / "g").read_bytes() == b"secret"
+    assert "Traceback" not in m.logtext()

@@ -96,7 +96,7 @@ def test_random_operations_match_model(store: Store, tmp_path: Path, seed: int):
         assert new.read(0, len(model) + 1) == bytes(model)
         new.close()
         assert plaintext(path) == bytes(model)
-    assert sorted(os.listdir(store.instance)) == [b"lock"]
+    assert sorted(os.listdir(store.instance)) == [b"lease", b"lock"]
 
 
 def test_failed_commit_keeps_pending_writes(store: Store, tmp_path: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import stat
 import time
@@ -18,6 +19,7 @@ import pyfuse3
 from .. import format as fmt
 from ..inodes import Node
 from ..source import KEY_ID_XATTR, VIRTUAL_XATTR_PREFIX, At
+from ..stats import STATUS_XATTR
 from .base import OpsBase, boundary
 
 USER_XATTRS = "user."
@@ -115,6 +117,19 @@ class AttrOps(OpsBase):
             XATTR_FORMAT: layout.name.encode(),
         }
 
+    def status(self) -> dict[str, Any]:
+        """Blocking: `stormfs status` and the metrics file (`stats.Stats.report`)."""
+        nodes = {h.node for h in self.handles.open_files()}
+        pending = {}
+        for node in nodes:
+            if node.file.working is not None:
+                try:
+                    name = self.store.rel(self._at(node))
+                except OSError:
+                    name = f"(unlinked, inode {node.inode})"
+                pending[name] = node.file.working.size
+        return self.stats.report(len(nodes), pending)
+
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
@@ -122,6 +137,9 @@ class AttrOps(OpsBase):
             # Answered without a syscall: the kernel asks for security.capability
             # on every write and ls for ACLs on every file.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if key == STATUS_XATTR and inode == pyfuse3.ROOT_INODE:
+            # Read-only and unlisted: `cp -a` of the root does not carry it.
+            return json.dumps(await self._meta(self.status)).encode()
         node = self.table.get(inode)
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             value = (await self._meta(self._virtual_xattrs, node)).get(key)
@@ -144,9 +162,15 @@ class AttrOps(OpsBase):
         path = (await self._meta(self._at, node)).proc
 
         def names() -> list[bytes]:
+            try:
+                backing = os.listxattr(path, follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENOTSUP:
+                    raise
+                backing = []  # SOURCE has no xattrs; ours are answered all the same
             own = [
                 n
-                for n in os.listxattr(path, follow_symlinks=False)
+                for n in backing
                 if n.startswith(USER_XATTRS) and not n.startswith(VIRTUAL_XATTR_PREFIX)
             ]
             return [os.fsencode(n) for n in (*own, *self._virtual_xattrs(node))]

@@ -32,6 +32,7 @@ from ..content import EnvelopeReader, Identity, Reader
 from ..inodes import InodeTable, Node
 from ..openfiles import Handles
 from ..source import At, is_hidden
+from ..stats import Stats
 from ..store import Store
 from ..working import WorkingCopy
 
@@ -81,9 +82,11 @@ class OpsBase(pyfuse3.Operations):
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
         metadata_threads: bool = False,
+        stats: Stats | None = None,
     ) -> None:
         super().__init__()
         self.store = store
+        self.stats = stats or Stats()
         self.table = InodeTable(os.open(store.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -237,9 +240,11 @@ class OpsBase(pyfuse3.Operations):
 
         try:
             reader = await self._run(working.commit, publish)
-        except BaseException:
+        except BaseException as e:
             node.file.cached = None
+            self.stats.committed(e)
             raise
+        self.stats.committed()
         old, node.file.reader = node.file.reader, reader
         node.file.working = None
         node.file.times = None

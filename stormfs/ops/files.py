@@ -102,7 +102,9 @@ class FileOps(OpsBase):
             source = node.file.working or node.file.reader
             if source is None:
                 raise OSError(errno.EBADF, "file is not open")
-            return await self._io(size, source.read, off, size)
+            data = await self._io(size, source.read, off, size)
+        self.stats.bytes_read += len(data)
+        return data
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -115,6 +117,7 @@ class FileOps(OpsBase):
                 raise
             node.file.mtime_ns = time.time_ns()
             node.file.times = None
+        self.stats.bytes_written += len(buf)
         return len(buf)
 
     @boundary
