@@ -30,9 +30,9 @@ import pytest
 from stormfs import keys
 
 from . import test_posix
+from .crashes import crash_loop
 from .gluster import Volume, unavailable
 from .helpers import Mount, MountFactory, audit, storm_cloud_envelope, stormfs_cmd, wait_for
-from .test_faults import crash_loop
 
 pytestmark = pytest.mark.gluster
 

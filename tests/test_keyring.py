@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 
@@ -17,28 +16,16 @@ from stormfs.source import At
 from stormfs.store import Store
 
 from .keyscan import new_key
-from .trees import KEY_ID, plain_decrypt, run_json, sealed, stormfs, write, write_keyring
-
-
-def three_key_source(src: Path, k1: str, k2: str, k3: str) -> dict[str, tuple[str | None, bytes]]:
-    """name -> (id of the key that opens it, or None for legacy / no key; its plaintext)."""
-    files = {
-        "k1/recorded": (k1, "1", os.urandom(70_000)),
-        "k1/no-xattr": (k1, None, b"sealed by the Storm Cloud server\n" * 100),
-        "k1/wrong-xattr": (k1, "3", os.urandom(5000)),
-        "k2/recorded": (k2, "2", os.urandom(300_000)),
-        "k2/unknown-id": (k2, "gone", b""),
-        "k3/current": (k3, "3", os.urandom(1000)),
-    }
-    ids = {k1: "1", k2: "2", k3: "3"}
-    expect: dict[str, tuple[str | None, bytes]] = {}
-    for rel, (key, recorded, data) in files.items():
-        sealed(src / rel, key, data, recorded)
-        expect[rel] = (ids[key], data)
-    write(src / "legacy.txt", b"legacy plaintext\n")
-    expect["legacy.txt"] = (None, b"legacy plaintext\n")
-    sealed(src / "foreign", new_key(), b"under a key nobody has", "1")
-    return expect
+from .trees import (
+    KEY_ID,
+    plain_decrypt,
+    run_json,
+    sealed,
+    stormfs,
+    three_key_source,
+    write,
+    write_keyring,
+)
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 
 from stormfs.instances import LEASE_EXPIRY, Lease
 
+from .crashes import crash_loop
 from .helpers import Mount, MountFactory
-from .test_faults import crash_loop
 
 pytestmark = pytest.mark.faults
 

@@ -12,8 +12,18 @@ from stormfs import keys
 from stormfs.exitcodes import BUSY, ISSUES_FOUND, KEY_SAFETY, OK, USAGE, WORK_TO_DO
 
 from .keyscan import STORMFS, forms, new_key, run
-from .test_keyring import KEY_ID, sealed, three_key_source, write_keyring
-from .trees import leftovers, plain_decrypt, run_json, snapshot, stormfs, write
+from .trees import (
+    KEY_ID,
+    leftovers,
+    plain_decrypt,
+    run_json,
+    sealed,
+    snapshot,
+    stormfs,
+    three_key_source,
+    write,
+    write_keyring,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
