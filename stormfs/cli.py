@@ -309,12 +309,28 @@ class _EncryptProgress(Progress):
             self.note(f"note: {display(job.names[0])}: {outcome.detail}")
 
 
-def _encrypt(args: argparse.Namespace) -> int:
+def _rewrite_options(p: argparse.ArgumentParser) -> None:
+    """The options encrypt and rotate share."""
+    p.add_argument("source", metavar="SOURCE", help="the storage directory")
+    p.add_argument("--force", action="store_true", help="really rewrite the files")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
+    _keyring_option(p)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"files sealed at once (default {DEFAULT_JOBS})",
+    )
+
+
+def _rewrite_setup(args: argparse.Namespace, refusal: str) -> tuple[str, keys.Keyring] | int:
+    """What encrypt and rotate check before they read SOURCE: SOURCE and the keyring,
+    or the exit code of a usage error."""
     if not args.force and not args.dry_run:
-        _err(
-            "encrypt rewrites every legacy file in SOURCE: add --force to do it, "
-            "or --dry-run to see what it would do"
-        )
+        _err(f"{refusal}: add --force to do it, or --dry-run to see what it would do")
         return USAGE
     if args.jobs < 1:
         _err("--jobs must be at least 1")
@@ -328,37 +344,69 @@ def _encrypt(args: argparse.Namespace) -> int:
     if keyring is None:
         _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file")
         return USAGE
+    return source, keyring
+
+
+def _rewrite(
+    source: str,
+    keyring: keys.Keyring,
+    label: str,
+    busy: str,
+    run: Callable[[_EncryptProgress], dict[str, Any]],
+) -> dict[str, Any] | int:
+    """Run encrypt or rotate after the key-safety checks: its report, or an exit code."""
+    refused = preflight_or_refuse(source, keyring, echo=_stderr)
+    if isinstance(refused, int):
+        return refused
+    try:
+        return run(_EncryptProgress(sys.stderr, label=label))
+    except Busy:
+        _err(f"another {busy} is running on {source}")
+        return BUSY
+    except CannotSwap as e:
+        _err(
+            f"cannot {label} in place on {source}: its filesystem cannot exchange two "
+            f"names atomically (renameat2 RENAME_EXCHANGE: {e}), which swapping a sealed "
+            "copy in while the file may be in use needs. Nothing was changed. Encrypt "
+            "the files through the mount instead: a legacy file written through a "
+            "stormfs mount is stored encrypted (for one file: dd if=FILE of=FILE bs=1 "
+            "count=1 conv=notrunc, FILE being its path on the mount)."
+        )
+        return USAGE
+
+
+def _rewrite_done(
+    args: argparse.Namespace, report: dict[str, Any], show: Callable[[dict[str, Any]], None]
+) -> int:
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        show(report)
+    if report["errors"]:
+        return ISSUES_FOUND
+    return WORK_TO_DO if report["would_encrypt"] else OK
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    setup = _rewrite_setup(args, "encrypt rewrites every legacy file in SOURCE")
+    if isinstance(setup, int):
+        return setup
+    source, keyring = setup
     root = os.fsencode(source)
     if args.dry_run:
         report = dry_run(root, keyring.current, args.jobs)
     else:
-        refused = preflight_or_refuse(source, keyring, echo=_stderr)
-        if isinstance(refused, int):
-            return refused
-        try:
-            report = encrypt(
-                root, keyring.current, args.jobs, _EncryptProgress(sys.stderr, label="encrypt")
-            )
-        except Busy:
-            _err(f"another stormfs encrypt is running on {source}")
-            return BUSY
-        except CannotSwap as e:
-            _err(
-                f"cannot encrypt in place on {source}: its filesystem cannot exchange two "
-                f"names atomically (renameat2 RENAME_EXCHANGE: {e}), which swapping a sealed "
-                "copy in while the file may be in use needs. Nothing was changed. Encrypt "
-                "the files through the mount instead: a legacy file written through a "
-                "stormfs mount is stored encrypted (for one file: dd if=FILE of=FILE bs=1 "
-                "count=1 conv=notrunc, FILE being its path on the mount)."
-            )
-            return USAGE
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_encrypt(report)
-    if report["errors"]:
-        return ISSUES_FOUND
-    return WORK_TO_DO if report["would_encrypt"] else OK
+        done = _rewrite(
+            source,
+            keyring,
+            "encrypt",
+            "stormfs encrypt",
+            lambda progress: encrypt(root, keyring.current, args.jobs, progress),
+        )
+        if isinstance(done, int):
+            return done
+        report = done
+    return _rewrite_done(args, report, _print_encrypt)
 
 
 def _print_encrypt(r: dict[str, Any]) -> None:
@@ -404,48 +452,29 @@ def _keyring_option(p: argparse.ArgumentParser) -> None:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    if not args.force and not args.dry_run:
-        _err(
-            "rotate rewrites every file not under the current key: add --force to do it, "
-            "or --dry-run to see what it would do"
-        )
-        return USAGE
-    if args.jobs < 1:
-        _err("--jobs must be at least 1")
-        return USAGE
-    source = _source_dir(args.source)
-    if source is None:
-        return USAGE
-    keyring = _load_keyring(args.key_file, args.keyring)
-    if isinstance(keyring, int):
-        return keyring
-    if keyring is None:
-        _err(f"no encryption key: set ${keys.ENV_KEY} or use --key-file")
-        return USAGE
+    setup = _rewrite_setup(args, "rotate rewrites every file not under the current key")
+    if isinstance(setup, int):
+        return setup
+    source, keyring = setup
     root = os.fsencode(source)
     legacy = args.include_legacy
     if args.dry_run:
         report = dry_run(root, keyring.current, args.jobs, keyring, include_legacy=legacy)
     else:
-        refused = preflight_or_refuse(source, keyring, echo=_stderr)
-        if isinstance(refused, int):
-            return refused
-        progress = _EncryptProgress(sys.stderr, label="rotate")
-        try:
-            report = encrypt(
+        done = _rewrite(
+            source,
+            keyring,
+            "rotate",
+            "stormfs encrypt or rotate",
+            lambda progress: encrypt(
                 root, keyring.current, args.jobs, progress, keyring, include_legacy=legacy
-            )
-        except Busy:
-            _err(f"another stormfs encrypt or rotate is running on {source}")
-            return BUSY
+            ),
+        )
+        if isinstance(done, int):
+            return done
+        report = done
     report["include_legacy"] = legacy
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_rotate(report)
-    if report["errors"]:
-        return ISSUES_FOUND
-    return WORK_TO_DO if report["would_encrypt"] else OK
+    return _rewrite_done(args, report, _print_rotate)
 
 
 def _print_rotate(r: dict[str, Any]) -> None:
@@ -637,19 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"error; {KEY_SAFETY} key safety check refused; {BUSY} another encrypt is "
         "running on SOURCE.",
     )
-    p.add_argument("source", metavar="SOURCE", help="the storage directory")
-    p.add_argument("--force", action="store_true", help="really rewrite the files")
-    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
-    _keyring_option(p)
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=DEFAULT_JOBS,
-        metavar="N",
-        help=f"files sealed at once (default {DEFAULT_JOBS})",
-    )
+    _rewrite_options(p)
     p.set_defaults(func=_encrypt)
 
     p = sub.add_parser(
@@ -666,21 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{KEY_SAFETY} key safety check refused; {BUSY} another encrypt or rotate is "
         "running on SOURCE.",
     )
-    p.add_argument("source", metavar="SOURCE", help="the storage directory")
-    p.add_argument("--force", action="store_true", help="really rewrite the files")
-    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _rewrite_options(p)
     p.add_argument(
         "--include-legacy", action="store_true", help="encrypt legacy plaintext files too"
-    )
-    p.add_argument("--key-file", metavar="PATH", help="file holding the base64url key")
-    _keyring_option(p)
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=DEFAULT_JOBS,
-        metavar="N",
-        help=f"files sealed at once (default {DEFAULT_JOBS})",
     )
     p.set_defaults(func=_rotate)
 
