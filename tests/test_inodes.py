@@ -220,15 +220,20 @@ class Harness:
             return None
         return node, obj
 
-    def lookup(self) -> None:
+    def _pick_entry(self) -> tuple[Node, Obj, bytes, Obj] | None:
+        """A known directory, a name, and the object the backing layer has under it."""
         picked = self._pick_dir()
         if picked is None:
-            return
-        parent, pobj = picked
+            return None
         name = self.rng.choice(self.names)
-        obj = pobj.children.get(name)
-        if obj is None:
+        obj = picked[1].children.get(name)
+        return None if obj is None else (*picked, name, obj)
+
+    def lookup(self) -> None:
+        picked = self._pick_entry()
+        if picked is None:
             return
+        parent, _, name, obj = picked
         node = self.table.bind(parent.inode, name, obj.st())
         node.lookups += 1
         node.handed_out = (DEV, obj.ino)
@@ -302,13 +307,11 @@ class Harness:
         self.table.settle(node)
 
     def remove(self) -> None:
-        picked = self._pick_dir()
+        picked = self._pick_entry()
         if picked is None:
             return
-        parent, pobj = picked
-        name = self.rng.choice(self.names)
-        obj = pobj.children.get(name)
-        if obj is None or (obj.is_dir and obj.children):
+        parent, pobj, name, obj = picked
+        if obj.is_dir and obj.children:
             return
         victim = self.table.child(parent.inode, name)
         self.fs.remove(pobj, name)
