@@ -185,7 +185,11 @@ class FileCipher:
         return body + _hmac(self._mac_key, body).finalize()
 
     def seal_chunk(
-        self, index: int, plaintext: bytes | memoryview, last: bool, nonce: bytes | None = None
+        self,
+        index: int,
+        plaintext: bytes | bytearray | memoryview,
+        last: bool,
+        nonce: bytes | None = None,
     ) -> bytes:
         """Chunk `index` on disk; a fresh random nonce unless one is given.
 
