@@ -258,6 +258,7 @@ class V2Reader:
         self._cipher: v2.FileCipher | None = None
         self._take(st or os.fstat(fd))
         self._cipher = cipher  # given by the writer of the file, which needs no check
+        self._plain = bytearray()
 
     def _take(self, st: os.stat_result) -> None:
         self.ident = Identity.of(st)
@@ -294,12 +295,18 @@ class V2Reader:
         if len(raw) != end - start:
             raise fmt.DecryptionFailed("shorter than its size")
         slot = v2.slot_size(size)
-        plain = b"".join(
-            cipher.open_chunk(i, raw[k * slot : (k + 1) * slot], i == last)
-            for k, i in enumerate(chunks)
-        )
+        want = len(raw) - len(chunks) * v2.CHUNK_OVERHEAD
+        if len(self._plain) < want:  # reused: a fresh large buffer per read costs page faults
+            self._plain = bytearray(want)
+        plain = memoryview(self._plain)
+        for k, i in enumerate(chunks):
+            sealed = raw[k * slot : (k + 1) * slot]
+            at = k * size
+            cipher.open_chunk_into(
+                i, sealed, i == last, plain[at : at + len(sealed) - v2.CHUNK_OVERHEAD]
+            )
         skip = offset - chunks.start * size
-        return plain[skip : skip + n]
+        return bytes(plain[skip : skip + n])
 
     def _header_and_empty_chunk(self) -> bytes:
         cipher = self.file_cipher()
