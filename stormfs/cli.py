@@ -214,6 +214,7 @@ def _status(args: argparse.Namespace) -> int:
     )
     for f in s["unpublished"]:
         print(f"    {f['path']}  {human_bytes(f['bytes'])}")
+    print(f"  publishing:    {s['publishing']} closed file(s) waiting for their batch")
     print(f"  commits:       {s['commits']} done, {s['commits_failed']} failed")
     print(
         f"  transferred:   {human_bytes(s['bytes_read'])} read, "

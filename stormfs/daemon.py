@@ -75,6 +75,9 @@ class MountOptions:
     metrics_file: str | None = None
     # The format new versions are written in: 1 (v1, what Storm Cloud reads) or 2.
     write_format: int = 1
+    # Seconds within which a closed file's new version reaches its name in SOURCE,
+    # published with others in one batch (group commit); 0: before close returns.
+    publish_delay: float = 0.0
 
     def describe(self) -> list[str]:
         """The options in effect, as `-o` would give them (the key file's path included,
@@ -83,6 +86,7 @@ class MountOptions:
         out += [f"entry_timeout={self.entry_timeout:g}", f"attr_timeout={self.attr_timeout:g}"]
         out.append(f"readahead_kb={self.readahead_kb}")
         out.append(f"format=v{self.write_format}")
+        out.append(f"publish_delay={self.publish_delay:g}")
         if self.metadata_threads:
             out.append("metadata_threads")
         if self.key_file:
@@ -114,7 +118,7 @@ class MountOptions:
                     opts.write_format = int(value[1])
                 elif name == "metrics_file" and value:
                     opts.metrics_file = os.path.abspath(value)
-                elif name in ("entry_timeout", "attr_timeout") and value:
+                elif name in ("entry_timeout", "attr_timeout", "publish_delay") and value:
                     try:
                         seconds = float(value)
                     except ValueError:
@@ -171,7 +175,12 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
     os.umask(0)
-    store = Store(source, keyring, write_v2=opts.write_format == 2)
+    store = Store(
+        source,
+        keyring,
+        write_v2=opts.write_format == 2,
+        publish_delay=opts.publish_delay or None,
+    )
     if opts.write_format == 2:
         log.warning(V2_WARNING)
     try:

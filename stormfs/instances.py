@@ -33,13 +33,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 from .source import write_atomically
+from .threads import start_quietly
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,7 @@ class Renewal:
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
 
     def start(self) -> None:
-        # Signals are the main thread's business: the thread starts with them blocked
-        # (a SIGTERM delivered to it before the daemon handles SIGTERM would kill it).
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        start_quietly(self._thread)
 
     def renew(self) -> None:
         write_atomically(self._dir_fd, LEASE, Lease.mine().encode(), durable=False)

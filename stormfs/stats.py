@@ -62,8 +62,11 @@ class Stats:
         logger.addHandler(handler)
         return handler
 
-    def report(self, open_files: int, pending: dict[str, int]) -> dict[str, Any]:
-        """The status: `pending` maps each file with unpublished writes to its size."""
+    def report(
+        self, open_files: int, pending: dict[str, int], publishing: int = 0
+    ) -> dict[str, Any]:
+        """The status: `pending` maps each file with unpublished writes to its size;
+        `publishing` counts closed versions waiting for their batch (group commit)."""
         return {
             "pid": os.getpid(),
             "source": self.source,
@@ -78,6 +81,7 @@ class Stats:
             "unpublished_files": len(pending),
             "unpublished_bytes": sum(pending.values()),
             "unpublished": [{"path": p, "bytes": n} for p, n in sorted(pending.items())],
+            "publishing": publishing,
             "commits": self.commits,
             "commits_failed": self.commits_failed,
             "bytes_read": self.bytes_read,
@@ -97,6 +101,8 @@ METRICS = (
      "unpublished_files"),
     ("stormfs_unpublished_bytes", "gauge", "Size of the files with writes not yet committed.",
      "unpublished_bytes"),
+    ("stormfs_publishing_files", "gauge",
+     "Closed files whose new version waits for its batch to be published.", "publishing"),
     ("stormfs_commits_total", "counter", "New versions committed to SOURCE.", "commits"),
     ("stormfs_commits_failed_total", "counter", "Commits that failed.", "commits_failed"),
     ("stormfs_read_bytes_total", "counter", "Plaintext bytes served.", "bytes_read"),

@@ -51,6 +51,7 @@ from .instances import (
     remove_leftover,
 )
 from .keys import Key, Keyring
+from .publisher import Pending, Place, Publisher
 from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
 from .source import (
     KEY_ID_XATTR,
@@ -126,10 +127,17 @@ class NoKeyReader:
 class Store:
     """SOURCE as the mount sees it.  `key` is the keyring's current key (which seals
     every new version); the other keys of `keyring` only open what they sealed.
-    `write_v2`: new versions are v2 files (else v1 envelopes)."""
+    `write_v2`: new versions are v2 files (else v1 envelopes).  `publish_delay`:
+    seconds within which a version committed without `durable` is published
+    (`publisher`); None publishes it before the commit returns."""
 
     def __init__(
-        self, root: str | bytes, keyring: Keyring | None, *, write_v2: bool = False
+        self,
+        root: str | bytes,
+        keyring: Keyring | None,
+        *,
+        write_v2: bool = False,
+        publish_delay: float | None = None,
     ) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
         self.write_v2 = write_v2
@@ -156,6 +164,11 @@ class Store:
         self._lease.start()
         self._state_dev = os.fstat(self.instance_fd).st_dev
         self._slots = redo.Slots(self.instance_fd)
+        self._publisher = (
+            Publisher(self._rename_pending, delay=publish_delay)
+            if publish_delay is not None
+            else None
+        )
         self._seq = 0
         self._reported: set[bytes] = set()
         self.recover()
@@ -236,6 +249,10 @@ class Store:
             log.warning("left .stormfs/tmp/%s: %s", os.fsdecode(name), why)
 
     def close(self) -> None:
+        if self._publisher is not None:
+            for p in self._publisher.flush():
+                log.error("closed version of %s not published: %s", self.rel(p.name), p.error)
+            self._publisher.close()
         self._slots.close()
         self._lease.stop()
         retired = self.instance + GONE
@@ -264,9 +281,94 @@ class Store:
             return os.fsdecode(at.name if isinstance(at, At) else at)
         return os.fsdecode(os.path.relpath(path, self.root))
 
+    # ---- versions closed but not yet published (group commit) -------------
+
+    def _place(self, at: At) -> Place | None:
+        """Where a version may be pending: a name in a directory (only while any is)."""
+        if not self._publisher or at.name == b".":
+            return None
+        st = os.fstat(at.dir_fd)
+        return (st.st_dev, st.st_ino, at.name)
+
+    def _reopen_pending(self, at: At, flags: int) -> int | None:
+        """A descriptor of the version pending at `at`, None if none is."""
+        place = self._place(at)
+        if self._publisher is None or place is None:
+            return None
+        return self._publisher.reopen(place, flags)
+
+    def lstat(self, at: At) -> os.stat_result:
+        """The file at `at` as the mount serves it: its pending version, if it has one."""
+        place = self._place(at)
+        pending = self._publisher.stat(place) if self._publisher and place else None
+        return pending if pending is not None else at.lstat()
+
+    def settle(self, at: At) -> None:
+        """Publish the version pending at `at` now (before its name is changed or
+        synced); raises the error of a publish that fails."""
+        place = self._place(at)
+        if self._publisher and place is not None:
+            self._publisher.settle(place)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._publisher)
+
+    def publishing(self) -> int:
+        """Closed versions waiting for their batch."""
+        return len(self._publisher) if self._publisher is not None else 0
+
+    def settle_dir(self, dir_fd: int) -> None:
+        """`settle` every version pending in the directory `dir_fd` (before it is synced)."""
+        if self._publisher:
+            st = os.fstat(dir_fd)
+            self._publisher.settle_dir(st.st_dev, st.st_ino)
+
+    def failed(self, at: At) -> bool:
+        """Whether a version pending at `at` could not be published."""
+        place = self._place(at)
+        return bool(self._publisher and place and self._publisher.failed(place))
+
+    def _rename_pending(self, p: Pending) -> None:
+        os.rename(p.temp_name, p.name, src_dir_fd=p.temp_dir_fd, dst_dir_fd=p.dir_fd)
+
+    def _defer(self, temp: TempFile, at: At, old: os.stat_result) -> int | None:
+        """Queue `temp` to be published at `at` by the next batch, and return its
+        descriptor; None where it must be published now (a durable commit, several
+        names, another filesystem)."""
+        if self._publisher is None or old.st_nlink > 1 or old.st_dev != self._state_dev:
+            return None
+        dir_st = os.fstat(at.dir_fd)
+        place = (dir_st.st_dev, dir_st.st_ino, at.name)
+        dir_fd = At(at.dir_fd, b".").open(os.O_PATH | os.O_DIRECTORY)
+        try:
+            mine = os.dup(temp.fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        assert self._publisher is not None
+        self._publisher.add(Pending(place, dir_fd, at.name, temp.dir_fd, temp.name, mine))
+        return temp.take_fd()
+
+    def _drop_pending(self, at: At) -> None:
+        """A version pending at `at` that a newer one, published now, supersedes."""
+        place = self._place(at)
+        p = self._publisher.forget(place) if self._publisher and place else None
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p.temp_name, dir_fd=p.temp_dir_fd)
+
     def stat(self, at: At) -> tuple[os.stat_result, int, Layout | None]:
         """lstat, plus the plaintext size and the format of a regular file
         (`scan.layout_of`, cached by identity; None where the file cannot be opened)."""
+        fd = self._reopen_pending(at, os.O_RDONLY)
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                layout = self._layouts.get(Identity.of(st)) or header_layout(fd, st)
+            finally:
+                os.close(fd)
+            return st, layout.plaintext_size(st.st_size), layout
         st = at.lstat()
         if not stat.S_ISREG(st.st_mode):
             return st, st.st_size, None
@@ -282,7 +384,7 @@ class Store:
         """The id of the key that opened the file, once a read has verified it; before,
         the id recorded on it (None if none is)."""
         try:
-            opened = self.verdicts.get(Identity.of(at.lstat()))
+            opened = self.verdicts.get(Identity.of(self.lstat(at)))
         except OSError:
             opened = None
         if isinstance(opened, Opened):
@@ -304,7 +406,9 @@ class Store:
     def open_reader(self, at: At) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
         try:
-            fd = at.open(os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = self._reopen_pending(at, os.O_RDONLY)
+            if fd is None:
+                fd = at.open(os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise _replaced(at.name) from None
@@ -390,6 +494,11 @@ class Store:
             set_xattr(temp.fd, KEY_ID_XATTR, key.key_id.encode())
         if ns is not None:
             os.utime(temp.fd, ns=ns)
+        if not durable:
+            fd = self._defer(temp, at, old)
+            if fd is not None:
+                return self._reader_for(fd, at, sealer, key)
+        self._drop_pending(at)  # superseded by this version
         os.fsync(temp.fd)
         dir_fd = At(at.dir_fd, b".").open(os.O_RDONLY | os.O_DIRECTORY)  # O_PATH cannot fsync
         try:
@@ -603,6 +712,9 @@ class Committer:
         )
 
     def rewrite(self, reader: V2Reader, chunks: Iterator[tuple[int, bytes]], size: int) -> Reader:
+        # The file must have its name before it changes in place: a chunk record
+        # names the file by its path.
+        self._store.settle(self._at)
         return self._store.rewrite_chunks(reader, chunks, size, times=self._times)
 
 

@@ -121,9 +121,27 @@ class Mount:
     def logtext(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def decrypt(self, name: str) -> bytes:
+    def settle(self) -> None:
+        """Wait until every file closed through the mount has its new version under its
+        name in SOURCE (group commit publishes within a bound, not at close).  A daemon
+        that stopped published all at its shutdown; one that was killed, nothing more."""
+        deadline = time.monotonic() + 10
+        while self.proc.poll() is None:
+            try:
+                status = json.loads(os.getxattr(self.mnt, "user.stormfs.status"))
+            except OSError:
+                return  # the mount is gone, or dying
+            if not status["publishing"]:
+                return
+            assert time.monotonic() < deadline, "closed files not published within 10 s"
+            time.sleep(0.01)
+
+    def decrypt(self, name: str, *, settle: bool = True) -> bytes:
         """The plaintext of a file in SOURCE: a v1 envelope by the plain recipe of
-        DESIGN §1, a v2 file authenticated whole (`format_v2.open_file`)."""
+        DESIGN §1, a v2 file authenticated whole (`format_v2.open_file`); after
+        `settle`, unless told to take SOURCE as it is now."""
+        if settle:
+            self.settle()
         blob = (self.source / name).read_bytes()
         if v2.is_v2(blob):
             return v2.open_file(self.raw_key, blob)

@@ -70,6 +70,9 @@ def test_key_file(dirs, tmp_path, key):
     r = run_stormfs("mount", "--key-file", str(kf), str(src), str(mnt))
     assert r.returncode == 0, r.stderr
     (mnt / "f").write_bytes(b"secret")
+    fd = os.open(mnt / "f", os.O_RDONLY)
+    os.fsync(fd)  # published under its name now, not within the publish delay
+    os.close(fd)
     assert (src / "f").read_bytes()[:1] == b"\x01"
 
 
@@ -148,6 +151,7 @@ def test_sigterm_commits_pending_writes_and_unmounts(mounted: Mount):
 def test_crash_leaves_previous_version_and_is_cleaned_up(mount_factory):
     m = mount_factory()
     (m.mnt / "f").write_bytes(b"committed version")
+    m.settle()
     fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_TRUNC)
     os.write(fd, b"pending, never committed" * 1000)
     m.kill()
@@ -219,6 +223,7 @@ def test_unexpected_exception_answers_eio_and_is_logged(caplog):
 def test_plaintext_mount_without_key(mount_factory):
     m = mount_factory(key=None)
     (m.mnt / "f").write_bytes(b"stored as it is")
+    m.settle()
     assert (m.source / "f").read_bytes() == b"stored as it is"
     assert os.getxattr(m.mnt / "f", "user.stormfs.encryption_method") == b"none"
     assert "WARNING" in m.logtext()

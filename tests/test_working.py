@@ -360,23 +360,31 @@ def test_a_v2_file_under_another_key_is_rewritten_whole_under_the_current_one(tm
     store.close()
 
 
-def _dead_instance(tmp_path: Path) -> Path:
+def _v2_file(path: Path, plain: bytes) -> tuple[bytes, os.stat_result, v2.FileCipher]:
+    """A v2 file at `path`: its bytes, its stat, its keys."""
+    path.write_bytes(v2.seal(KEY.material, plain))
+    before = path.read_bytes()
+    return before, path.stat(), v2.open_header(KEY.material, before[: v2.HEADER_SIZE])
+
+
+def _dead_slot(tmp_path: Path) -> tuple[Path, redo.Slot]:
+    """A chunk record in the instance directory of a daemon that is gone."""
     dead = tmp_path / ".stormfs" / "tmp" / "host.1.dead"
     dead.mkdir(parents=True)
-    return dead
+    dir_fd = os.open(dead, os.O_PATH)
+    try:
+        return dead, redo.Slot(dir_fd, b"chunks-1")
+    finally:
+        os.close(dir_fd)
 
 
 def test_an_interrupted_chunk_rewrite_is_finished_by_the_next_start(tmp_path: Path):
     path = tmp_path / "f"
     plain = os.urandom(20 * C)
-    path.write_bytes(v2.seal(KEY.material, plain))
-    before = path.read_bytes()
-    st = path.stat()
-    cipher = v2.open_header(KEY.material, before[: v2.HEADER_SIZE])
+    before, st, cipher = _v2_file(path, plain)
     new3 = cipher.seal_chunk(3, b"n" * C, False)
     new19 = cipher.seal_chunk(19, b"e" * 10, True)
-    dead = _dead_instance(tmp_path)
-    slot = redo.Slot(os.open(dead, os.O_PATH), b"chunks-1")
+    dead, slot = _dead_slot(tmp_path)
     chunks = [
         (v2.chunk_offset(3, C), new3, before[v2.chunk_offset(3, C) :][:12]),
         (v2.chunk_offset(19, C), new19, before[v2.chunk_offset(19, C) :][:12]),
@@ -402,15 +410,10 @@ def test_a_chunk_record_is_replayed_only_where_that_is_right(tmp_path: Path, sta
     was written (the file untouched), or the chunk written by another daemon since:
     each leaves the file as it is."""
     path = tmp_path / "f"
-    plain = os.urandom(4 * C)
-    path.write_bytes(v2.seal(KEY.material, plain))
-    before = path.read_bytes()
-    st = path.stat()
-    cipher = v2.open_header(KEY.material, before[: v2.HEADER_SIZE])
+    before, st, cipher = _v2_file(path, os.urandom(4 * C))
     off = v2.chunk_offset(1, C)
     new1 = cipher.seal_chunk(1, b"N" * C, False)
-    dead = _dead_instance(tmp_path)
-    slot = redo.Slot(os.open(dead, os.O_PATH), b"chunks-1")
+    _, slot = _dead_slot(tmp_path)
     slot.write(os.fsencode(path), st, len(before), [(off, new1, before[off : off + 12])])
     if state == "cleared":
         slot.clear()

@@ -65,6 +65,8 @@ class AttrOps(OpsBase):
                     await self._commit(node, durable=False)
                 if opened_here and node.file.opens == 0:
                     await self._close_reader(node)
+            if isinstance(target, At):
+                await self._settle(target)  # the change must reach the version served
             await self._meta(self._set_metadata, node, target, attr, fields)
         return await self._entry(node)
 
@@ -128,7 +130,7 @@ class AttrOps(OpsBase):
                 except OSError:
                     name = f"(unlinked, inode {node.inode})"
                 pending[name] = node.file.working.size
-        return self.stats.report(len(nodes), pending)
+        return self.stats.report(len(nodes), pending, self.store.publishing())
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -186,13 +188,14 @@ class AttrOps(OpsBase):
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return  # read-only and computed: accepted and ignored, so `cp -a` onto a mount works
         node = self.table.get(inode)
-        path = (await self._meta(self._at, node)).proc
+        at = await self._meta(self._at, node)
 
         def work() -> None:
-            os.setxattr(path, key, value, follow_symlinks=False)
+            os.setxattr(at.proc, key, value, follow_symlinks=False)
             self._metadata_changed(node)
 
         async with node.file.lock:
+            await self._settle(at)
             await self._meta(work)
 
     @boundary
@@ -202,11 +205,11 @@ class AttrOps(OpsBase):
         if key.startswith(VIRTUAL_XATTR_PREFIX):
             return
         node = self.table.get(inode)
-        path = (await self._meta(self._at, node)).proc
+        at = await self._meta(self._at, node)
 
         def work() -> None:
             try:
-                os.removexattr(path, key, follow_symlinks=False)
+                os.removexattr(at.proc, key, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -214,4 +217,5 @@ class AttrOps(OpsBase):
             self._metadata_changed(node)
 
         async with node.file.lock:
+            await self._settle(at)
             await self._meta(work)

@@ -213,7 +213,7 @@ class OpsBase(pyfuse3.Operations):
         """Blocking: the node's reader, reopened if the name now holds another file."""
         reader = node.file.reader
         if reader is not None:
-            now, held = at.lstat(), os.fstat(reader.fd)
+            now, held = self.store.lstat(at), os.fstat(reader.fd)
             key = (held.st_dev, held.st_ino)
             if (now.st_dev, now.st_ino) == key or node.handed_out == key:
                 # The same file; or the lookup this open follows found this very
@@ -255,6 +255,12 @@ class OpsBase(pyfuse3.Operations):
         st = await self._meta(os.fstat, reader.fd)
         self.table.rekey(node, st, created=True)
         node.file.cached = Identity.of(st)
+
+    async def _settle(self, at: At) -> None:
+        """Publish a closed version still pending at `at` (group commit), before its
+        name or its metadata changes; raises the error of a publish that fails."""
+        if self.store.has_pending:
+            await self._run(self.store.settle, at)
 
     async def _close_reader(self, node: Node) -> None:
         reader, node.file.reader = node.file.reader, None

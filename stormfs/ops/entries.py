@@ -118,6 +118,7 @@ class EntryOps(OpsBase):
         node = self.table.get(inode)
         async with node.file.lock:
             src = await self._meta(self._at, node)
+            await self._settle(src)
 
             def make(at: At) -> None:
                 os.link(
@@ -134,6 +135,7 @@ class EntryOps(OpsBase):
         hidden_name(name, creating=False)
         at = await self._meta(self._child, parent_inode, name)
         victim = self.table.child(parent_inode, name)
+        await self._settle(at)
         if victim is None:
             await self._meta(functools.partial(remove, at.name, dir_fd=at.dir_fd))
             return
@@ -178,6 +180,8 @@ class EntryOps(OpsBase):
         async with contextlib.AsyncExitStack() as stack:
             for node in locked:
                 await stack.enter_async_context(node.file.lock)
+            await self._settle(old)
+            await self._settle(new)
             if flags:
                 await self._meta(renameat2, old.dir_fd, old.name, new.dir_fd, new.name, flags)
             else:
@@ -245,4 +249,7 @@ class EntryOps(OpsBase):
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         dh = self.handles.directory(fh)
-        await self._run(sync_dir, await self._meta(self._at, dh.node))
+        at = await self._meta(self._at, dh.node)
+        if self.store.has_pending:
+            await self._run(self.store.settle_dir, at.dir_fd)
+        await self._run(sync_dir, at)

@@ -125,7 +125,14 @@ class FileOps(OpsBase):
         h = self.handles.file(fh)
         if h.writable:
             async with h.node.file.lock:
-                await self._commit(h.node, durable=False)
+                if h.node.file.working is not None:
+                    await self._commit(h.node, durable=False)
+                elif self.store.has_pending:
+                    # A version of an earlier close that could not be published: try
+                    # again, and return its error to this close.
+                    at = await self._meta(self._target, h.node)
+                    if isinstance(at, At) and self.store.failed(at):
+                        await self._settle(at)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -134,6 +141,7 @@ class FileOps(OpsBase):
             if node.file.working is not None:
                 await self._commit(node, durable=True)
             elif isinstance(target := await self._meta(self._target, node), At):
+                await self._settle(target)
                 await self._run(sync_dir, At(target.dir_fd, b"."))
 
     @boundary
