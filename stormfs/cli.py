@@ -257,6 +257,11 @@ def _audit(args: argparse.Namespace) -> int:
     return WORK_TO_DO if report["needs_encryption"] else OK
 
 
+def _methods(counts: dict[str, int]) -> str:
+    """Files per encryption method, as `audit` and `keys` print them."""
+    return ", ".join(f"{method} {n}" for method, n in counts.items())
+
+
 def _print_audit(r: dict[str, Any]) -> None:
     several = len(r["key_ids"]) > 1
     if r["quick"]:
@@ -272,6 +277,7 @@ def _print_audit(r: dict[str, Any]) -> None:
         per_key = ", ".join(f"key id {i}: {n}" for i, n in r["key_ids"].items())
         print(f"    by key:                 {per_key}")
     print(f"  Files needing encryption: {r['needs_encryption']}")
+    print(f"  By encryption method:     {_methods(r['methods'])}")
     print(
         f"  Files with issues:        {r['issues']}"
         f" (decryption_failed {r['decryption_failed']}, unreadable {r['unreadable']})"
@@ -558,6 +564,7 @@ def _print_keys(r: dict[str, Any]) -> None:
         note = f" ({', '.join(notes)})" if notes else ""
         print(f"  key id {key_id:<{width}}  {r['key_ids'].get(key_id, 0)} file(s){note}")
     print(f"  legacy plaintext    {r['legacy']} file(s)")
+    print(f"  by method           {_methods(r['methods'])}")
     if r["decryption_failed"] or r["unreadable"]:
         print(
             f"  with issues         {r['decryption_failed'] + r['unreadable']} file(s) "

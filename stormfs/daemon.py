@@ -69,6 +69,8 @@ class MountOptions:
     metadata_threads: bool = False
     # Counters in Prometheus' text format, rewritten every METRICS_INTERVAL seconds.
     metrics_file: str | None = None
+    # Seal a file under SOURCE/ACCOUNT/ with ACCOUNT's user key (Storm Cloud's server-user).
+    per_user_keys: bool = False
 
     def describe(self) -> list[str]:
         """The options in effect, as `-o` would give them (the key file's path included,
@@ -78,6 +80,8 @@ class MountOptions:
         out.append(f"readahead_kb={self.readahead_kb}")
         if self.metadata_threads:
             out.append("metadata_threads")
+        if self.per_user_keys:
+            out.append("per_user_keys")
         if self.key_file:
             out.append(f"key_file={self.key_file}")
         if self.keyring:
@@ -97,6 +101,8 @@ class MountOptions:
                     opts.fuse.add(name)
                 elif name == "metadata_threads" and not value:
                     opts.metadata_threads = True
+                elif name == "per_user_keys" and not value:
+                    opts.per_user_keys = True
                 elif name == "key_file" and value:
                     opts.key_file = value
                 elif name == "keyring" and value:
@@ -160,7 +166,7 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
     os.umask(0)
-    store = Store(source, keyring)
+    store = Store(source, keyring, per_user_keys=opts.per_user_keys)
     try:
         stats = Stats(
             source=source,

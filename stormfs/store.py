@@ -48,8 +48,8 @@ from .instances import (
     owner_gone,
     remove_leftover,
 )
-from .keys import Keyring
-from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
+from .keys import MASTER_METHOD, USER_METHOD, Keyring, account_of
+from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key, user_first
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
@@ -60,6 +60,7 @@ from .source import (
     open_dir,
     open_lock,
     recorded_key_id,
+    recorded_method,
     set_xattr,
     state_dir,
     write_atomically,
@@ -107,10 +108,17 @@ class NoKeyReader:
 
 class Store:
     """SOURCE as the mount sees it.  `key` is the keyring's current key (which seals
-    every new version); the other keys of `keyring` only open what they sealed."""
+    every new version); the other keys of `keyring` only open what they sealed.
 
-    def __init__(self, root: str | bytes, keyring: Keyring | None) -> None:
+    With `per_user_keys`, a file under ``SOURCE/ACCOUNT/`` is sealed with the current
+    key's user key of ACCOUNT (`keys.user_key`).  Whatever the option, a file under
+    an account opens under a key of the keyring or under its user key."""
+
+    def __init__(
+        self, root: str | bytes, keyring: Keyring | None, *, per_user_keys: bool = False
+    ) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
+        self.per_user_keys = per_user_keys
         self.keyring = keyring
         self.key = keyring.current if keyring is not None else None
         only = self.key if keyring is not None and len(keyring) == 1 else None
@@ -250,27 +258,68 @@ class Store:
             return st, st.st_size, None
         return st, layout.plaintext_size(st.st_size), layout
 
-    def key_id_of(self, at: At) -> str | None:
-        """The id of the key that opened the file, once a read has verified it; before,
-        the id recorded on it (None if none is)."""
+    def account(self, at: At) -> bytes | None:
+        """The account of the place `at`: the first component of its path under SOURCE,
+        None for a name directly in SOURCE.
+
+        Told from the path the kernel gives the directory descriptor now, so it
+        follows renames of the directories above, made through the mount or not."""
+        return self._account(self.real_path(at))
+
+    def _account_of_fd(self, fd: int) -> bytes | None:
+        """The account of the file open at `fd`, by the path the kernel gives it now."""
+        try:
+            return self._account(os.readlink(b"/proc/self/fd/%d" % fd))
+        except OSError:
+            return None
+
+    def _account(self, path: bytes) -> bytes | None:
+        inside = self.root.rstrip(b"/") + b"/"
+        return account_of(path[len(inside) :]) if path.startswith(inside) else None
+
+    def _verified(self, at: At) -> Opened | None:
         try:
             opened = self.verdicts.get(Identity.of(at.lstat()))
         except OSError:
-            opened = None
-        if isinstance(opened, Opened):
-            return opened.key.key_id
-        return recorded_key_id(at.proc)
+            return None
+        return opened if isinstance(opened, Opened) else None
+
+    def key_id_of(self, at: At) -> str | None:
+        """The id of the key that opened the file, once a read has verified it (for a
+        user key, the id of the key it is derived from); before, the id recorded on it
+        (None if none is)."""
+        opened = self._verified(at)
+        return opened.key.key_id if opened is not None else recorded_key_id(at.proc)
+
+    def method_of(self, at: At) -> str:
+        """``server-user`` for an envelope under a user key, ``server`` for one under a key
+        of the keyring: as the key that opened it says once a read has verified it;
+        before, as recorded on the file (``server`` if nothing is)."""
+        opened = self._verified(at)
+        if opened is not None:
+            return opened.key.method
+        return USER_METHOD if recorded_method(at.proc) == USER_METHOD else MASTER_METHOD
 
     def _authenticate(self, fd: int, size: int) -> Opened | None:
         assert self.keyring is not None
-        return authenticate(fd, size, self.keyring, recorded_key_id(fd))
+        account, per_user = self._account_of_fd(fd), self.per_user_keys
+        return authenticate(
+            fd, size, self.keyring, recorded_key_id(fd), account=account, per_user=per_user
+        )
 
     def _v2_key(self, fd: int) -> bytes:
-        """The key of the keyring whose MAC the v2 header carries (the current one if
-        none does: the reads then fail as damage)."""
+        """The key of the keyring (or user key) whose MAC the v2 header carries (the current
+        one if none does: the reads then fail as damage)."""
         assert self.keyring is not None and self.key is not None
         header = os.pread(fd, v2.HEADER_SIZE, 0)
-        key = opening_key(self.keyring, recorded_key_id(fd), lambda m: v2.open_header(m, header))
+        account = self._account_of_fd(fd)
+        key = opening_key(
+            self.keyring,
+            recorded_key_id(fd),
+            lambda m: v2.open_header(m, header),
+            account=account,
+            user_first=user_first(fd, account, self.per_user_keys),
+        )
         return (key or self.key).material
 
     def open_reader(self, at: At) -> Reader:

@@ -1,5 +1,11 @@
 """Operations on names and directories: lookup and forget, making and removing
-names, renames, listing and syncing directories."""
+names, renames, listing and syncing directories.
+
+On a mount with per-user keys, a rename that would move a file to another
+account's key (across accounts, between SOURCE's top level and an account, or
+of a top-level directory, which is an account) is refused with EXDEV: `mv`
+then copies and removes, and the copy is sealed under the key of where it
+lands.  Re-sealing inside rename would make it neither atomic nor cheap."""
 
 from __future__ import annotations
 
@@ -178,6 +184,10 @@ class EntryOps(OpsBase):
         async with contextlib.AsyncExitStack() as stack:
             for node in locked:
                 await stack.enter_async_context(node.file.lock)
+            if self.store.per_user_keys and await self._meta(
+                self._changes_account, old, new, flags
+            ):
+                raise pyfuse3.FUSEError(errno.EXDEV)
             if flags:
                 await self._meta(renameat2, old.dir_fd, old.name, new.dir_fd, new.name, flags)
             else:
@@ -191,6 +201,20 @@ class EntryOps(OpsBase):
                 self.table.move((parent_inode_old, name_old), (parent_inode_new, name_new))
         for node in locked:
             self.table.settle(node)
+
+    def _changes_account(self, old: At, new: At, flags: int) -> bool:
+        """Blocking: whether the rename would put sealed content (a regular file, or a
+        directory and all it holds) under another account: across accounts, between
+        SOURCE's top level and an account, or a top-level directory (an account) itself."""
+        moves = [(old, new), (new, old)] if flags & pyfuse3.RENAME_EXCHANGE else [(old, new)]
+        for src, dst in moves:
+            mode = src.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                continue  # a symlink, a device, a FIFO: nothing is sealed
+            account = self.store.account(src)
+            if account != self.store.account(dst) or (account is None and stat.S_ISDIR(mode)):
+                return True
+        return False
 
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
