@@ -463,9 +463,11 @@ def _rotate(args: argparse.Namespace) -> int:
         return setup
     source, keyring = setup
     root = os.fsencode(source)
-    legacy = args.include_legacy
+    legacy, per_user = args.include_legacy, args.per_user_keys
     if args.dry_run:
-        report = dry_run(root, keyring.current, args.jobs, keyring, include_legacy=legacy)
+        report = dry_run(
+            root, keyring.current, args.jobs, keyring, include_legacy=legacy, per_user=per_user
+        )
     else:
         done = _rewrite(
             source,
@@ -473,13 +475,20 @@ def _rotate(args: argparse.Namespace) -> int:
             "rotate",
             "stormfs encrypt or rotate",
             lambda progress: encrypt(
-                root, keyring.current, args.jobs, progress, keyring, include_legacy=legacy
+                root,
+                keyring.current,
+                args.jobs,
+                progress,
+                keyring,
+                include_legacy=legacy,
+                per_user=per_user,
             ),
         )
         if isinstance(done, int):
             return done
         report = done
     report["include_legacy"] = legacy
+    report["per_user_keys"] = per_user
     return _rewrite_done(args, report, _print_rotate)
 
 
@@ -489,7 +498,8 @@ def _print_rotate(r: dict[str, Any]) -> None:
             if f["status"] in ("needs_rotation", "needs_encryption"):
                 print(f"would re-encrypt  {f['path']}: {f['detail']}")
     what = "Dry run of the rotation" if r["dry_run"] else "Rotation"
-    print(f"\n{what} of {r['source']} to key id {r['key_id']}")
+    users = " (per-user keys: files under an account to its user key)" if r["per_user_keys"] else ""
+    print(f"\n{what} of {r['source']} to key id {r['key_id']}{users}")
     print(f"  Files scanned:            {r['scanned']}")
     print(f"  Under the current key:    {r['already_encrypted']}")
     olds = ", ".join(f"key id {i}: {n}" for i, n in r["from_key_ids"].items())
@@ -564,7 +574,8 @@ def _print_keys(r: dict[str, Any]) -> None:
         note = f" ({', '.join(notes)})" if notes else ""
         print(f"  key id {key_id:<{width}}  {r['key_ids'].get(key_id, 0)} file(s){note}")
     print(f"  legacy plaintext    {r['legacy']} file(s)")
-    print(f"  by method           {_methods(r['methods'])}")
+    if r["methods"][keys.USER_METHOD]:
+        print(f"  by method           {_methods(r['methods'])}")
     if r["decryption_failed"] or r["unreadable"]:
         print(
             f"  with issues         {r['decryption_failed'] + r['unreadable']} file(s) "
@@ -693,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     _rewrite_options(p)
     p.add_argument(
         "--include-legacy", action="store_true", help="encrypt legacy plaintext files too"
+    )
+    p.add_argument(
+        "--per-user-keys",
+        action="store_true",
+        help="SOURCE is mounted with -o per_user_keys: a file under SOURCE/ACCOUNT/ belongs "
+        "under the current key's user key of ACCOUNT (without it, every file belongs under "
+        "the current key itself, and files under user keys are moved back to it)",
     )
     p.set_defaults(func=_rotate)
 

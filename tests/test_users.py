@@ -250,3 +250,51 @@ def test_mount_option_is_described():
     opts = MountOptions.parse(["nofail,per_user_keys"])
     assert opts.per_user_keys and "per_user_keys" in opts.describe()
     assert not MountOptions.parse(["allow_other"]).per_user_keys
+
+
+# -- rotate moves files between the two -----------------------------------------
+
+
+def test_rotate_moves_files_between_master_and_user_keys(tmp_path, key):
+    src = tmp_path / "src"
+    data = {rel: os.urandom(n) for rel, n in (("alice/m", 5000), ("alice/u", 70), ("top", 9))}
+    seal_master(src / "alice/m", key, data["alice/m"])
+    seal_user(src / "alice/u", key, "alice", data["alice/u"])
+    seal_master(src / "top", key, data["top"])
+    data["bob/d/legacy"] = write(src / "bob/d/legacy", b"legacy plaintext").read_bytes()
+    raw = keys.parse_key(key)
+
+    def under(rel: str) -> bytes:
+        return reference_decrypt(user_key(key, rel.split("/")[0]), (src / rel).read_bytes())
+
+    rc, plan = run_json("rotate", str(src), "--dry-run", "--per-user-keys", key=key)
+    assert rc == WORK_TO_DO and plan["would_encrypt"] == 1 and plan["per_user_keys"]
+    [job] = [f for f in plan["files"] if f["status"] == "needs_rotation"]
+    assert (job["path"], job["detail"]) == ("alice/m", "under key id 1 (5029 bytes)")
+
+    args = ("rotate", str(src), "--force", "--per-user-keys", "--include-legacy")
+    rc, report = run_json(*args, key=key)
+    assert rc == OK, report
+    assert (report["encrypted_now"], report["already_encrypted"]) == (2, 2)
+    details = {f["path"]: f["detail"] for f in report["files"]}
+    assert details["alice/m"] == "5029 bytes, from key id 1 to the user key of alice from key id 1"
+    for rel in ("alice/m", "alice/u", "bob/d/legacy"):
+        assert under(rel) == data[rel], rel
+        assert os.getxattr(src / rel, KEY_ID) == b"1"
+        assert os.getxattr(src / rel, METHOD_XATTR) == b"server-user"
+    assert reference_decrypt(raw, (src / "top").read_bytes()) == data["top"]
+    rc, audit = run_json("audit", str(src), key=key)
+    assert audit["methods"] == {"none": 0, "server": 1, "server-user": 3}
+
+    # Switched off again: every file back under the key itself.
+    rc, report = run_json("rotate", str(src), "--force", key=key)
+    assert rc == OK, report
+    assert (report["encrypted_now"], report["already_encrypted"]) == (3, 1)
+    details = {f["path"]: f["detail"] for f in report["files"]}
+    assert details["alice/u"] == "99 bytes, from the user key of alice from key id 1 to 1"
+    for rel, plain in data.items():
+        assert reference_decrypt(raw, (src / rel).read_bytes()) == plain, rel
+        if rel != "top":  # untouched
+            assert os.getxattr(src / rel, METHOD_XATTR) == b"server"
+    rc, audit = run_json("audit", str(src), key=key)
+    assert audit["methods"] == {"none": 0, "server": 4, "server-user": 0}

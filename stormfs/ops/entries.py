@@ -5,7 +5,8 @@ On a mount with per-user keys, a rename that would move a file to another
 account's key (across accounts, between SOURCE's top level and an account, or
 of a top-level directory, which is an account) is refused with EXDEV: `mv`
 then copies and removes, and the copy is sealed under the key of where it
-lands.  Re-sealing inside rename would make it neither atomic nor cheap."""
+lands.  Re-sealing inside rename would make it neither atomic nor cheap.  A
+hard link across accounts is refused alike: one file cannot be under two keys."""
 
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ class EntryOps(OpsBase):
             src = await self._meta(self._at, node)
 
             def make(at: At) -> None:
+                if self.store.per_user_keys and self._changes_account(src, at, 0):
+                    raise OSError(errno.EXDEV, "a hard link cannot join two accounts")
                 os.link(
                     src.name,
                     at.name,
