@@ -185,7 +185,11 @@ class FileCipher:
         return body + _hmac(self._mac_key, body).finalize()
 
     def seal_chunk(
-        self, index: int, plaintext: bytes | memoryview, last: bool, nonce: bytes | None = None
+        self,
+        index: int,
+        plaintext: bytes | bytearray | memoryview,
+        last: bool,
+        nonce: bytes | None = None,
     ) -> bytes:
         """Chunk `index` on disk; a fresh random nonce unless one is given.
 
@@ -261,6 +265,43 @@ def seal(
         cipher.seal_chunk(i, piece, last, None if given is None else next(given))
         for i, piece, last in _pieces(plaintext, chunk_size)
     )
+
+
+class Sealer:
+    """Streaming v2 writer, the shape of `format.Sealer`: `header`, then `update` with
+    the plaintext as it comes (returns the chunks it completes), then `finalize` (the
+    last chunk).  Gives the bytes `seal` gives for the same file id and nonces.
+
+    A full chunk is held back until more plaintext follows, since only then is it
+    known not to be the last; so at most one chunk of plaintext is held.
+    """
+
+    def __init__(self, key: bytes, chunk_size: int = CHUNK_SIZE) -> None:
+        self.cipher = FileCipher.new(key, chunk_size)
+        self.header = self.cipher.header()
+        self.sealed_chunks = 0  # chunks returned so far, none of them the last
+        self.pending = bytearray()  # plaintext after them: 0..chunk_size bytes
+
+    def update(self, data: bytes | memoryview) -> bytes:
+        size = self.cipher.chunk_size
+        out = []
+        view = memoryview(data)
+        while view:
+            if len(self.pending) == size:
+                out.append(self.cipher.seal_chunk(self.sealed_chunks, self.pending, False))
+                self.sealed_chunks += 1
+                if self.sealed_chunks >= MAX_CHUNKS:
+                    raise OverflowError("file too large for a v2 file")
+                self.pending.clear()
+            take = size - len(self.pending)
+            self.pending += view[:take]
+            view = view[take:]
+        return b"".join(out)
+
+    def finalize(self) -> bytes:
+        last = self.cipher.seal_chunk(self.sealed_chunks, self.pending, True)
+        self.pending.clear()
+        return last
 
 
 def _pieces(plaintext: bytes, chunk_size: int) -> Iterator[tuple[int, bytes, bool]]:
