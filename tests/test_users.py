@@ -8,6 +8,7 @@ import errno
 import hashlib
 import hmac
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from stormfs.source import METHOD_XATTR, At
 from stormfs.store import Store
 
 from .helpers import reference_decrypt
-from .keyscan import new_key, track
+from .keyscan import STORMFS, leaked_in, new_key, run, track
 from .trees import KEY_ID, run_json, stormfs, write, write_keyring
 
 METHOD = "user.stormfs.encryption_method"
@@ -298,3 +299,129 @@ def test_rotate_moves_files_between_master_and_user_keys(tmp_path, key):
             assert os.getxattr(src / rel, METHOD_XATTR) == b"server"
     rc, audit = run_json("audit", str(src), key=key)
     assert audit["methods"] == {"none": 0, "server": 4, "server-user": 0}
+
+
+# -- writes on a per-user mount ---------------------------------------------------
+
+
+def test_a_per_user_mount_seals_each_account_with_its_key(tmp_path, mount_factory, key):
+    src = tmp_path / "src"
+    seal_master(src / "alice/old", key, b"sealed before the option was on")
+    m = mount_factory(src, args=("-o", "per_user_keys"))
+    (m.mnt / "alice").mkdir(exist_ok=True)
+    (m.mnt / "bob/deep").mkdir(parents=True)
+    files = {"alice/x": b"alice's data" * 1000, "bob/deep/y": b"bob's", "top": b"in SOURCE"}
+    for rel, data in files.items():
+        (m.mnt / rel).write_bytes(data)
+    with open(m.mnt / "alice/old", "ab") as f:
+        f.write(b", now appended")
+    files["alice/old"] = b"sealed before the option was on, now appended"
+    for rel, data in files.items():
+        user = rel != "top"
+        expect = user_key(key, rel.split("/")[0]) if user else m.raw_key
+        assert reference_decrypt(expect, (src / rel).read_bytes()) == data, rel
+        assert (m.mnt / rel).read_bytes() == data
+        method = b"server-user" if user else b"server"
+        assert os.getxattr(m.mnt / rel, METHOD) == method, rel
+        assert os.getxattr(m.mnt / rel, KEY_ID) == b"1", rel  # the master key's id
+        assert os.getxattr(src / rel, METHOD_XATTR) == method, rel
+    # A rename within the account keeps the key; the file stays readable.
+    os.rename(m.mnt / "bob/deep", m.mnt / "bob/deeper")
+    (m.mnt / "bob/deeper/z").write_bytes(b"after the rename")
+    assert reference_decrypt(user_key(key, "bob"), (src / "bob/deeper/z").read_bytes()) == (
+        b"after the rename"
+    )
+    m.stop()
+    # Read back by a mount without the option.
+    m = mount_factory(src)
+    for rel, data in files.items():
+        rel = rel.replace("deep", "deeper")
+        assert (m.mnt / rel).read_bytes() == data, rel
+
+
+def test_the_account_follows_a_directory_moved_behind_the_mount(tmp_path, mount_factory, key):
+    """The account is where the file's directory is when a new version starts, even
+    when a directory above it was moved in SOURCE itself."""
+    src = tmp_path / "src"
+    m = mount_factory(src, args=("-o", "per_user_keys"))
+    (m.mnt / "alice/d").mkdir(parents=True)
+    (m.mnt / "bob").mkdir()
+    with open(m.mnt / "alice/d/f", "wb", buffering=0) as f:
+        f.write(b"first")
+        os.fsync(f.fileno())
+        first = (src / "alice/d/f").read_bytes()
+        assert reference_decrypt(user_key(key, "alice"), first) == b"first"
+        os.rename(src / "alice/d", src / "bob/d")  # not through the mount
+        f.seek(0)
+        f.write(b"again")
+    raw = (src / "bob/d/f").read_bytes()
+    assert reference_decrypt(user_key(key, "bob"), raw) == b"again"
+    assert (m.mnt / "bob/d/f").read_bytes() == b"again"
+
+
+def test_mv_across_accounts_copies_under_the_new_key(tmp_path, mount_factory, key):
+    src = tmp_path / "src"
+    seal_user(src / "alice/x", key, "alice", b"moved by mv")
+    seal_user(src / "alice/d/y", key, "alice", b"a directory moved by mv")
+    (src / "bob").mkdir()
+    m = mount_factory(src, args=("-o", "per_user_keys"))
+    for old, new in (("alice/x", "bob/x"), ("alice/d", "bob/d"), ("alice", "carol")):
+        done = subprocess.run(["mv", m.mnt / old, m.mnt / new], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert not (src / "carol/x").exists() and not (src / "alice").exists()
+    for rel, data in (("bob/x", b"moved by mv"), ("bob/d/y", b"a directory moved by mv")):
+        assert (m.mnt / rel).read_bytes() == data
+        assert reference_decrypt(user_key(key, "bob"), (src / rel).read_bytes()) == data
+        assert os.getxattr(m.mnt / rel, METHOD) == b"server-user"
+    with pytest.raises(OSError) as e:
+        os.link(m.mnt / "bob/x", m.mnt / "carol/x")
+    assert e.value.errno == errno.EXDEV
+    os.link(m.mnt / "bob/x", m.mnt / "bob/x2")  # within the account
+    assert (m.mnt / "bob/x2").read_bytes() == b"moved by mv"
+
+
+def test_v2_files_take_user_keys_too(tmp_path, mount_factory, key):
+    src = tmp_path / "src"
+    m = mount_factory(src, args=("-o", "per_user_keys,format=v2"))
+    (m.mnt / "alice").mkdir()
+    data = os.urandom(300_000)
+    (m.mnt / "alice/v").write_bytes(data)
+    with open(m.mnt / "alice/v", "r+b") as f:
+        f.seek(1000)
+        f.write(b"in place")
+    data = data[:1000] + b"in place" + data[1008:]
+    assert os.getxattr(src / "alice/v", METHOD_XATTR) == b"server-user"
+    m.stop()
+    m = mount_factory(src)
+    assert (m.mnt / "alice/v").read_bytes() == data
+    assert os.getxattr(m.mnt / "alice/v", "user.stormfs.format") == b"v2"
+
+
+def test_no_key_in_any_output(tmp_path, mount_factory, key):
+    """Neither the master key nor a derived one is printed by the commands or logged
+    by the daemon (the fixtures scan the daemon logs and this test's output)."""
+    src = tmp_path / "src"
+    seal_user(src / "alice/u", key, "alice", b"user key")
+    seal_master(src / "alice/m", key, b"master key")
+    write(src / "bob/bad", fmt.seal(user_key(new_key(), "bob"), b"no key of ours"))
+    user_key(key, "bob")
+    m = mount_factory(src, args=("-o", "per_user_keys"))
+    (m.mnt / "bob/new").write_bytes(b"sealed by the mount")
+    with pytest.raises(OSError):
+        (m.mnt / "bob/bad").read_bytes()
+    env = {keys.ENV_KEY: key}
+    outputs = [
+        run([*STORMFS, *args], env=env)
+        for args in (
+            ("audit", str(src)),
+            ("audit", str(src), "--json"),
+            ("keys", str(src), "--json"),
+            ("rotate", str(src), "--dry-run", "--per-user-keys"),
+            ("rotate", str(src), "--force", "--per-user-keys", "--json"),
+            ("status", str(m.mnt), "--json"),
+        )
+    ]
+    assert all(p.stdout for p in outputs)
+    text = "".join(p.stdout + p.stderr for p in outputs) + m.logtext()
+    assert "DECRYPTION_FAILED: bob/bad" in text
+    assert not leaked_in(text)
