@@ -10,8 +10,9 @@ For one file (one inode):
 2. stream it through `format.Sealer` into ``.stormfs-tmp-enc-*`` in the same
    directory (hidden from the mount), authenticate that copy with
    `format.verify_stream`, give it the original's mode, owner, times and other
-   extended attributes plus ``user.stormfs.key_id``; a file with several
-   names gets its envelope linked beside each, under a journal (`journal`);
+   extended attributes plus ``user.stormfs.key_id`` and the method
+   (``user.stormfs.encryption_method``); a file with several names gets its
+   envelope linked beside each, under a journal (`journal`);
 3. by batches: one ``syncfs`` makes the batch's copies (and journals)
    durable; each original whose identity (dev, ino, size, mtime, ctime) is
    unchanged is swapped with its copy by `swap.swap_in`, which undoes the
