@@ -258,6 +258,7 @@ class V2Reader:
         self._cipher: v2.FileCipher | None = None
         self._take(st or os.fstat(fd))
         self._cipher = cipher  # given by the writer of the file, which needs no check
+        self._plain = bytearray()
 
     def _take(self, st: os.stat_result) -> None:
         self.ident = Identity.of(st)
@@ -294,12 +295,18 @@ class V2Reader:
         if len(raw) != end - start:
             raise fmt.DecryptionFailed("shorter than its size")
         slot = v2.slot_size(size)
-        plain = b"".join(
-            cipher.open_chunk(i, raw[k * slot : (k + 1) * slot], i == last)
-            for k, i in enumerate(chunks)
-        )
+        want = len(raw) - len(chunks) * v2.CHUNK_OVERHEAD
+        if len(self._plain) < want:  # reused: a fresh large buffer per read costs page faults
+            self._plain = bytearray(want)
+        plain = memoryview(self._plain)
+        for k, i in enumerate(chunks):
+            sealed = raw[k * slot : (k + 1) * slot]
+            at = k * size
+            cipher.open_chunk_into(
+                i, sealed, i == last, plain[at : at + len(sealed) - v2.CHUNK_OVERHEAD]
+            )
         skip = offset - chunks.start * size
-        return plain[skip : skip + n]
+        return bytes(plain[skip : skip + n])
 
     def _header_and_empty_chunk(self) -> bytes:
         cipher = self.file_cipher()
@@ -309,26 +316,27 @@ class V2Reader:
         return cipher.open_chunk(0, empty, True)
 
     def _checked(self, read: Callable[[], bytes]) -> bytes:
-        # A file that changed while it was read is read again as it is now; only
-        # a failure of the file as it stands is damage.
-        for attempt in range(3):
+        """`read()`, of the file as it stands.
+
+        A read that fails, or that the file changed under, may have met chunks a
+        writer elsewhere was rewriting in place.  Writers hold the file's lock
+        while they apply, so the read is done again under a shared lock: what
+        fails then is damage.
+        """
+        try:
+            data = read()
+            if not self._changed():
+                return data
+        except fmt.DecryptionFailed:
+            pass
+        with file_lock(self.fd, exclusive=False):
+            self._changed()
             try:
-                data = read()
+                return read()
             except fmt.DecryptionFailed:
-                if self._changed():
-                    continue
-                if attempt == 0:
-                    # Perhaps a chunk a writer elsewhere is rewriting in place: it
-                    # holds the file's lock until it is done, so read again after it.
-                    with file_lock(self.fd, exclusive=False):
-                        self._changed()
-                    continue
                 if self.reported.first(self.ident):
                     log.error("DECRYPTION_FAILED: %s", self.name)
                 raise fmt.DecryptionFailed(self.name) from None
-            if not self._changed():
-                return data
-        raise OSError(errno.EIO, "backing file keeps changing while read")
 
     def rewritten(self) -> None:
         """The file was changed in place by this process: take its new size, keep its keys

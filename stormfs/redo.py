@@ -6,12 +6,15 @@ directory and syncs it, then applies them to the file, syncs the file, and
 clears the record.  A daemon that dies meanwhile leaves the record behind;
 whoever takes its instance directory over replays it (`replay`).
 
-    record  = chunk data ... | trailer (JSON) | trailer length (u32 be) | SHA-256 of all before
+    record = "stormfsR" | body length (u64 be) | SHA-256 of the body | body
+    body   = chunk data ... | trailer (JSON) | trailer length (u32 be)
 
 The trailer names the file (path, dev, ino), its new on-disk size, and per
 extent its offset in the file, its length and the nonce the chunk there had
-before (null past the old end).  A record that is torn, or was cleared, has
-no valid digest and is ignored: the file was not touched yet.
+before (null past the old end).  A record that is torn, or was cleared (its
+first bytes zeroed), has no valid digest and is ignored: the file was not
+touched yet.  A record file keeps its size from commit to commit, so syncing
+a record flushes its data and no metadata.
 
 Clearing a record is not synced, so after a power cut a record that was
 already applied may be found again.  Replay tells from the nonces on disk: an
@@ -41,8 +44,9 @@ from .format import NONCE_SIZE
 from .source import pwrite_all
 
 PREFIX = b"chunks-"  # slot names in the instance directory
+MAGIC = b"stormfsR"
+_HEADER = struct.Struct(">8sQ32s")
 _LENGTH = struct.Struct(">I")
-_DIGEST = 32
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class Slot:
         pos = 0
         extents = []
         for offset, data, old_nonce in chunks:
-            pwrite_all(self.fd, data, pos)
+            pwrite_all(self.fd, data, _HEADER.size + pos)
             digest.update(data)
             extents.append((Extent(offset, len(data), old_nonce), pos))
             pos += len(data)
@@ -99,13 +103,13 @@ class Slot:
         ).encode()
         tail = trailer + _LENGTH.pack(len(trailer))
         digest.update(tail)
-        pwrite_all(self.fd, tail + digest.digest(), pos)
-        os.ftruncate(self.fd, pos + len(tail) + _DIGEST)
+        pwrite_all(self.fd, tail, _HEADER.size + pos)
+        pwrite_all(self.fd, _HEADER.pack(MAGIC, pos + len(tail), digest.digest()), 0)
         os.fdatasync(self.fd)
         return Record(target, st.st_dev, st.st_ino, size, extents)
 
     def clear(self) -> None:
-        os.ftruncate(self.fd, 0)
+        pwrite_all(self.fd, bytes(_HEADER.size), 0)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -147,7 +151,7 @@ def apply(record: Record, slot_fd: int, fd: int) -> None:
     if record.size < os.fstat(fd).st_size:
         os.ftruncate(fd, record.size)
     for extent, pos in record.extents:
-        data = os.pread(slot_fd, extent.length, pos)
+        data = os.pread(slot_fd, extent.length, _HEADER.size + pos)
         if len(data) != extent.length:
             raise OSError(5, "chunk record is short")
         pwrite_all(fd, data, extent.offset)
@@ -157,11 +161,11 @@ def apply(record: Record, slot_fd: int, fd: int) -> None:
 
 def load(fd: int) -> Record | None:
     """The record in `fd`; None if it is empty, torn or cleared."""
-    blob = os.pread(fd, os.fstat(fd).st_size, 0)
-    if len(blob) < _LENGTH.size + _DIGEST:
+    magic, length, digest = _HEADER.unpack(os.pread(fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0"))
+    if magic != MAGIC:
         return None
-    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-    if hashlib.sha256(body).digest() != digest:
+    body = os.pread(fd, length, _HEADER.size)
+    if len(body) != length or length < _LENGTH.size or hashlib.sha256(body).digest() != digest:
         return None
     (n,) = _LENGTH.unpack_from(body, len(body) - _LENGTH.size)
     try:
@@ -183,7 +187,7 @@ def pending(record: Record, slot_fd: int, fd: int) -> bool | None:
     todo = False
     for extent, pos in record.extents:
         on_disk = os.pread(fd, extent.length, extent.offset)
-        new = os.pread(slot_fd, extent.length, pos)
+        new = os.pread(slot_fd, extent.length, _HEADER.size + pos)
         if on_disk == new:
             continue
         nonce = on_disk[:NONCE_SIZE]

@@ -542,7 +542,6 @@ class Store:
         chunks: Iterator[tuple[int, bytes]],
         size: int,
         *,
-        durable: bool,
         times: tuple[int | None, int] | None,
     ) -> V2Reader:
         """Write `chunks` ((index, sealed chunk) each) of the v2 file that `reader`
@@ -570,7 +569,9 @@ class Store:
                     if times is not None:
                         atime = st.st_atime_ns if times[0] is None else times[0]
                         os.utime(fd, ns=(atime, times[1]))
-                    (os.fsync if durable else os.fdatasync)(fd)
+                    # The file's name and metadata are as they were: its data (and
+                    # size) is all a durable commit needs, and all a record waits for.
+                    os.fdatasync(fd)
                 slot.clear()
         finally:
             os.close(fd)
@@ -662,9 +663,7 @@ class Committer:
         )
 
     def rewrite(self, reader: V2Reader, chunks: Iterator[tuple[int, bytes]], size: int) -> Reader:
-        return self._store.rewrite_chunks(
-            reader, chunks, size, durable=self._durable, times=self._times
-        )
+        return self._store.rewrite_chunks(reader, chunks, size, times=self._times)
 
 
 def _replaced(name: bytes) -> OSError:

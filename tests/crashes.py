@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from stormfs import redo
+
 from .helpers import Mount, MountFactory
 
 SIZES = (0, 1, 17, 4096, 10_000, 65_536, 300_000, 1_200_000)
@@ -298,7 +300,7 @@ def crash_loop(
             figures["temps"] += sum(n.startswith("t-") for n in names)
             figures["redo"] += sum(n.startswith("redo-") for n in names)
             figures["chunk records"] += sum(
-                n.startswith("chunks-") and (inst / n).stat().st_size > 0 for n in names
+                n.startswith("chunks-") and (inst / n).read_bytes()[:8] == redo.MAGIC for n in names
             )
         m = mount_factory(source, mnt, args=args)
         live = m.instance_dirs()

@@ -463,7 +463,7 @@ def test_the_streaming_sealer_gives_the_file_seal_gives(size, piece):
     sealer = v2.Sealer(KEY, SMALL)
     out = [sealer.header]
     for i in range(0, size, piece):
-        out.append(sealer.update(plaintext[i : i + piece]))
+        out.append(bytes(sealer.update(plaintext[i : i + piece])))  # valid until the next call
         assert len(sealer.pending) <= SMALL
     out.append(sealer.finalize())
     env = b"".join(out)

@@ -66,10 +66,15 @@ def working(store: Store, reader, size: int | None = None) -> WorkingCopy:
 
 
 def idle(store: Store) -> bool:
-    """Nothing left in the instance directory but its marks and empty chunk records."""
+    """Nothing left in the instance directory but its marks and cleared chunk records."""
     names = os.listdir(store.instance)
     records = [n for n in names if n.startswith(b"chunks-")]
-    assert all(os.stat(os.path.join(store.instance, n)).st_size == 0 for n in records)
+    for name in records:
+        fd = os.open(os.path.join(store.instance, name), os.O_RDONLY)
+        try:
+            assert redo.load(fd) is None
+        finally:
+            os.close(fd)
     return sorted(set(names) - set(records)) == [b"lease", b"lock"]
 
 
