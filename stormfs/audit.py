@@ -1,7 +1,9 @@
 """`stormfs audit`: where a storage directory stands, changing nothing.
 
 The engine: every regular file lands in exactly one class (`scan.Status`);
-the result is the report that ``--json`` prints.
+the result is the report that ``--json`` prints.  Files are also counted by
+encryption method (``none``, ``server``, ``server-user``): a file under
+``SOURCE/ACCOUNT/`` may be under its account's user key.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from .keys import Keyring
+from .keys import MASTER_METHOD, USER_METHOD, Keyring, account_of
 from .scan import Entry, Status, Verdict, bounded_map, classify_path, describe, display, walk
 
 # Verification is I/O bound; a few threads keep a disk (or a RAID) busy.
@@ -23,15 +25,19 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
     def check(entry: Entry) -> Verdict:
         if entry.error is not None:
             return Verdict(Status.UNREADABLE, describe(entry.error))
-        return classify_path(os.path.join(root, entry.rel), keyring, quick=quick)
+        path = os.path.join(root, entry.rel)
+        return classify_path(path, keyring, quick=quick, account=account_of(entry.rel))
 
     counts: Counter[Status] = Counter()
     by_key: Counter[str] = Counter()
+    methods: Counter[str] = Counter({m: 0 for m in ("none", MASTER_METHOD, USER_METHOD)})
     files: list[dict[str, str]] = []
     for entry, verdict in bounded_map(check, walk(root), workers=WORKERS):
         counts[verdict.status] += 1
         if verdict.key is not None:
             by_key[verdict.key.key_id] += 1
+        if verdict.method is not None:
+            methods[verdict.method] += 1
         if verdict.status is not Status.ENCRYPTED:
             files.append(
                 {
@@ -51,5 +57,6 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
         "decryption_failed": counts[Status.DECRYPTION_FAILED],
         "unreadable": counts[Status.UNREADABLE],
         "key_ids": dict(sorted(by_key.items())),
+        "methods": dict(methods),
         "files": files,
     }

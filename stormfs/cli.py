@@ -258,6 +258,11 @@ def _audit(args: argparse.Namespace) -> int:
     return WORK_TO_DO if report["needs_encryption"] else OK
 
 
+def _methods(counts: dict[str, int]) -> str:
+    """Files per encryption method, as `audit` and `keys` print them."""
+    return ", ".join(f"{method} {n}" for method, n in counts.items())
+
+
 def _print_audit(r: dict[str, Any]) -> None:
     several = len(r["key_ids"]) > 1
     if r["quick"]:
@@ -273,6 +278,7 @@ def _print_audit(r: dict[str, Any]) -> None:
         per_key = ", ".join(f"key id {i}: {n}" for i, n in r["key_ids"].items())
         print(f"    by key:                 {per_key}")
     print(f"  Files needing encryption: {r['needs_encryption']}")
+    print(f"  By encryption method:     {_methods(r['methods'])}")
     print(
         f"  Files with issues:        {r['issues']}"
         f" (decryption_failed {r['decryption_failed']}, unreadable {r['unreadable']})"
@@ -458,9 +464,11 @@ def _rotate(args: argparse.Namespace) -> int:
         return setup
     source, keyring = setup
     root = os.fsencode(source)
-    legacy = args.include_legacy
+    legacy, per_user = args.include_legacy, args.per_user_keys
     if args.dry_run:
-        report = dry_run(root, keyring.current, args.jobs, keyring, include_legacy=legacy)
+        report = dry_run(
+            root, keyring.current, args.jobs, keyring, include_legacy=legacy, per_user=per_user
+        )
     else:
         done = _rewrite(
             source,
@@ -468,13 +476,20 @@ def _rotate(args: argparse.Namespace) -> int:
             "rotate",
             "stormfs encrypt or rotate",
             lambda progress: encrypt(
-                root, keyring.current, args.jobs, progress, keyring, include_legacy=legacy
+                root,
+                keyring.current,
+                args.jobs,
+                progress,
+                keyring,
+                include_legacy=legacy,
+                per_user=per_user,
             ),
         )
         if isinstance(done, int):
             return done
         report = done
     report["include_legacy"] = legacy
+    report["per_user_keys"] = per_user
     return _rewrite_done(args, report, _print_rotate)
 
 
@@ -484,7 +499,8 @@ def _print_rotate(r: dict[str, Any]) -> None:
             if f["status"] in ("needs_rotation", "needs_encryption"):
                 print(f"would re-encrypt  {f['path']}: {f['detail']}")
     what = "Dry run of the rotation" if r["dry_run"] else "Rotation"
-    print(f"\n{what} of {r['source']} to key id {r['key_id']}")
+    users = " (per-user keys: files under an account to its user key)" if r["per_user_keys"] else ""
+    print(f"\n{what} of {r['source']} to key id {r['key_id']}{users}")
     print(f"  Files scanned:            {r['scanned']}")
     print(f"  Under the current key:    {r['already_encrypted']}")
     olds = ", ".join(f"key id {i}: {n}" for i, n in r["from_key_ids"].items())
@@ -559,6 +575,8 @@ def _print_keys(r: dict[str, Any]) -> None:
         note = f" ({', '.join(notes)})" if notes else ""
         print(f"  key id {key_id:<{width}}  {r['key_ids'].get(key_id, 0)} file(s){note}")
     print(f"  legacy plaintext    {r['legacy']} file(s)")
+    if r["methods"][keys.USER_METHOD]:
+        print(f"  by method           {_methods(r['methods'])}")
     if r["decryption_failed"] or r["unreadable"]:
         print(
             f"  with issues         {r['decryption_failed'] + r['unreadable']} file(s) "
@@ -687,6 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
     _rewrite_options(p)
     p.add_argument(
         "--include-legacy", action="store_true", help="encrypt legacy plaintext files too"
+    )
+    p.add_argument(
+        "--per-user-keys",
+        action="store_true",
+        help="SOURCE is mounted with -o per_user_keys: a file under SOURCE/ACCOUNT/ belongs "
+        "under the current key's user key of ACCOUNT (without it, every file belongs under "
+        "the current key itself, and files under user keys are moved back to it)",
     )
     p.set_defaults(func=_rotate)
 

@@ -78,6 +78,8 @@ class MountOptions:
     # Seconds within which a closed file's new version reaches its name in SOURCE,
     # published with others in one batch (group commit); 0: before close returns.
     publish_delay: float = 0.0
+    # Seal a file under SOURCE/ACCOUNT/ with ACCOUNT's user key (Storm Cloud's server-user).
+    per_user_keys: bool = False
 
     def describe(self) -> list[str]:
         """The options in effect, as `-o` would give them (the key file's path included,
@@ -89,6 +91,8 @@ class MountOptions:
         out.append(f"publish_delay={self.publish_delay:g}")
         if self.metadata_threads:
             out.append("metadata_threads")
+        if self.per_user_keys:
+            out.append("per_user_keys")
         if self.key_file:
             out.append(f"key_file={self.key_file}")
         if self.keyring:
@@ -108,6 +112,8 @@ class MountOptions:
                     opts.fuse.add(name)
                 elif name == "metadata_threads" and not value:
                     opts.metadata_threads = True
+                elif name == "per_user_keys" and not value:
+                    opts.per_user_keys = True
                 elif name == "key_file" and value:
                     opts.key_file = value
                 elif name == "keyring" and value:
@@ -179,6 +185,7 @@ def serve(
         source,
         keyring,
         write_v2=opts.write_format == 2,
+        per_user_keys=opts.per_user_keys,
         publish_delay=opts.publish_delay or None,
     )
     if opts.write_format == 2:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from . import swap
 from .journal import STATE_SUBDIR, recover_journals
 from .keys import Key, Keyring
-from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome
+from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome, named
 from .plan import Job, Plan, plan
 from .scan import display
 from .source import lock, open_dir, open_lock, state_dir
@@ -70,9 +70,10 @@ def dry_run(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    per_user: bool = False,
 ) -> dict[str, Any]:
     """What a run would do, changing nothing (a rotation when `keyring` is given)."""
-    p = plan(root, workers, keyring, include_legacy=include_legacy)
+    p = plan(root, workers, keyring, include_legacy=include_legacy, per_user=per_user)
     return _report(root, key, p, [], 0.0, stale=len(p.stale), dry_run=True)
 
 
@@ -84,9 +85,12 @@ def encrypt(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    per_user: bool = False,
 ) -> dict[str, Any]:
     """Encrypt every legacy file, or with `keyring` (whose current key is `key`) rotate
-    every envelope under an older key, and legacy files if `include_legacy`.
+    every envelope not under the key it belongs under, and legacy files if
+    `include_legacy`.  A file belongs under `key`, or with `per_user`, for a file
+    under ``SOURCE/ACCOUNT/``, under its user key of ACCOUNT.
 
     Raises Busy if another run holds SOURCE.
     """
@@ -96,7 +100,9 @@ def encrypt(
         why = swap.cannot_exchange(state_fd)
         if why is not None:
             raise CannotSwap(why.strerror)
-        return _encrypt_all(root, key, workers, progress, state_fd, keyring, include_legacy)
+        return _encrypt_all(
+            root, key, workers, progress, state_fd, keyring, include_legacy, per_user
+        )
 
 
 @contextlib.contextmanager
@@ -124,6 +130,7 @@ def _encrypt_all(
     state_fd: int,
     keyring: Keyring | None,
     include_legacy: bool,
+    per_user: bool,
 ) -> dict[str, Any]:
     # A lease break is announced with SIGIO, whose default action kills the
     # process; the break itself is seen by polling F_GETLEASE.
@@ -135,7 +142,7 @@ def _encrypt_all(
     started = time.monotonic()
     problems, keep_holds = recover_journals(root, state_fd)
     # The pipeline authenticates what it seals again: recorded key ids save a read.
-    p = plan(root, workers, keyring, include_legacy=include_legacy, hints=True)
+    p = plan(root, workers, keyring, include_legacy=include_legacy, hints=True, per_user=per_user)
     p.problems[:0] = problems
     removed = 0
     for rel in p.stale:
@@ -187,7 +194,7 @@ def _report(
         for job in p.jobs:
             for n in job.names:
                 if job.key is not None:
-                    detail = f"under key id {job.key.key_id} ({job.size} bytes)"
+                    detail = f"under {named(job.key)} ({job.size} bytes)"
                     status = "needs_rotation"
                 else:
                     detail = f"legacy plaintext ({job.size} bytes)"

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
-from .keys import ENV_KEY, Key, Keyring
+from .keys import ENV_KEY, Key, Keyring, account_of
 from .scan import Status, classify_path, kind_of, opening_key, walk
 from .source import STATE_DIR, lock, open_dir, state_dir, write_atomically
 
@@ -249,7 +249,8 @@ def _sample(source: str, keyring: Keyring) -> list[str]:
     """The envelopes of SOURCE a first start looks at; SafetyError if there are some
     and none of a sample opens under the keyring."""
     envelopes = find_envelopes(source, limit=SAMPLE_POOL)
-    if envelopes and not any(_authenticates(path, keyring) for path in envelopes[:SAMPLE_SIZE]):
+    sample = envelopes[:SAMPLE_SIZE]
+    if envelopes and not any(_authenticates(source, path, keyring) for path in sample):
         raise SafetyError(MISMATCH)
     return envelopes
 
@@ -352,9 +353,12 @@ def retire(source: str, key_id: str) -> KeyCheck:
     return now
 
 
-def _authenticates(path: str, keyring: Keyring) -> bool:
-    """Whether the envelope at `path` verifies under a key of the keyring."""
-    return classify_path(os.fsencode(path), keyring, quick=False).status is Status.ENCRYPTED
+def _authenticates(source: str, path: str, keyring: Keyring) -> bool:
+    """Whether the envelope at `path` in `source` verifies under a key of the keyring
+    (or, under an account, its user key)."""
+    account = account_of(os.fsencode(os.path.relpath(path, source)))
+    verdict = classify_path(os.fsencode(path), keyring, quick=False, account=account)
+    return verdict.status is Status.ENCRYPTED
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ line or an exception message.
 The keyring holds the current key (which seals new versions) and older keys
 from a keyring file, one ``KEY_ID KEY`` per line, which only open what they
 sealed.  `user_key` derives an account's key from a master key, as Storm
-Cloud's per-user mode (``server-user``) does.
+Cloud's per-user mode (``server-user``) does: a file under ``SOURCE/ACCOUNT/``
+may be under the user key of ACCOUNT (`account_of`) derived from any key of
+the keyring, and carries that key's id.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ KEYRING_CREDENTIAL_NAME = "stormfs.keyring"
 # Storm Cloud's per-user keys (ADR 010): HKDF-SHA256 of the master key.
 USER_KEY_SALT = b"stormcloud-user-key-v1"
 USER_KEY_INFO_PREFIX = b"user-"
+# `user.stormfs.encryption_method`: a master key's files, and a user key's (ADR 010).
+MASTER_METHOD = "server"
+USER_METHOD = "server-user"
+# Derived user keys kept per keyring, so a scan does not derive them for every file.
+USER_KEY_CACHE = 4096
 # A key file holds one base64url line; anything much larger is not a key.
 MAX_KEY_FILE_SIZE = 4096
 # A keyring file: a line per key, with comments; a few hundred keys at most.
@@ -52,12 +59,35 @@ class InvalidKey(ValueError):
 
 @dataclass(frozen=True)
 class Key:
+    """A key of the keyring (`account` None), or the user key of `account` derived from
+    the keyring's key of the same id: it carries that master key's id, as Storm Cloud
+    records key ids per master key."""
+
     key_id: str
     material: bytes = field(repr=False)
+    account: bytes | None = None
 
     def __post_init__(self) -> None:
         if len(self.material) != fmt.KEY_SIZE:
             raise InvalidKey(f"an encryption key must be {fmt.KEY_SIZE} bytes")
+
+    @property
+    def method(self) -> str:
+        """``server`` for a master key, ``server-user`` for a user key."""
+        return MASTER_METHOD if self.account is None else USER_METHOD
+
+    def for_account(self, account: bytes) -> Key:
+        """The user key of `account` derived from this master key."""
+        if self.account is not None:
+            raise ValueError("a user key is derived from a master key")
+        return Key(self.key_id, user_key(self.material, account), account)
+
+
+def account_of(rel: bytes) -> bytes | None:
+    """The account of a path relative to SOURCE: its first component, None for a name
+    directly in SOURCE (whose file is under the master key)."""
+    head, sep, _ = rel.strip(b"/").partition(b"/")
+    return head if sep else None
 
 
 def parse_key(text: str) -> bytes:
@@ -116,6 +146,7 @@ class Keyring:
     def __init__(self, current: Key, others: tuple[Key, ...] = ()) -> None:
         self.current = current
         self._by_id = {k.key_id: k for k in (*others, current)}
+        self._user: dict[tuple[str, bytes], Key] = {}
 
     def key_ids(self) -> list[str]:
         """The ids of every key in the ring (never the keys)."""
@@ -135,11 +166,38 @@ class Keyring:
         """Every key id, the current one first."""
         return [self.current.key_id, *sorted(set(self._by_id) - {self.current.key_id})]
 
-    def candidates(self, key_id: str | None) -> list[Key]:
-        """Keys to try for a file, the one named by its recorded key id first."""
+    def user(self, master: Key, account: bytes) -> Key:
+        """`master`'s user key of `account` (derived once, then remembered)."""
+        found = self._user.get((master.key_id, account))
+        if found is None:
+            if len(self._user) >= USER_KEY_CACHE:
+                self._user.clear()
+            found = self._user[(master.key_id, account)] = master.for_account(account)
+        return found
+
+    def sealing(self, account: bytes | None) -> Key:
+        """The key that seals a new version of a file of `account` on a per-user SOURCE:
+        the current key's user key, or the current key itself for a name in SOURCE."""
+        return self.current if account is None else self.user(self.current, account)
+
+    def candidates(
+        self, key_id: str | None, account: bytes | None = None, *, user_first: bool = False
+    ) -> list[Key]:
+        """Keys to try for a file, the one named by its recorded key id first.
+
+        A file of an `account` may be under each key's user key as well as under the
+        key itself: both are tried, key by key, the user key first if `user_first`.
+        """
         first = self._by_id.get(key_id) if key_id else None
         rest = [k for k in self._by_id.values() if k is not first]
-        return [first, *rest] if first else rest
+        masters = [first, *rest] if first else rest
+        if account is None:
+            return masters
+        out = []
+        for master in masters:
+            user = self.user(master, account)
+            out += [user, master] if user_first else [master, user]
+        return out
 
     def __repr__(self) -> str:
         return f"Keyring(current={self.current.key_id!r}, ids={sorted(self._by_id)!r})"

@@ -1,7 +1,8 @@
 """`stormfs keys`: which key each file of SOURCE is under, and retiring a key no file needs.
 
 The engine: a full scan (`audit`: every envelope authenticated, so each is
-counted under the key that really opens it) next to the key check record
+counted under the key that really opens it; a file under a user key, under
+the id of the key it is derived from) next to the key check record
 (`keycheck`); `retire` takes an older key out of the record only when the
 scan finds no file under it.  It returns reports and prints nothing.
 """
@@ -38,6 +39,7 @@ def census(root: bytes, keyring: Keyring) -> dict[str, Any]:
         "current_key_id": keyring.current.key_id,
         "scanned": scan["scanned"],
         "key_ids": scan["key_ids"],
+        "methods": scan["methods"],
         "legacy": scan["needs_encryption"],
         "decryption_failed": scan["decryption_failed"],
         "unreadable": scan["unreadable"],

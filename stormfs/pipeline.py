@@ -10,8 +10,9 @@ For one file (one inode):
 2. stream it through `format.Sealer` into ``.stormfs-tmp-enc-*`` in the same
    directory (hidden from the mount), authenticate that copy with
    `format.verify_stream`, give it the original's mode, owner, times and other
-   extended attributes plus ``user.stormfs.key_id``; a file with several
-   names gets its envelope linked beside each, under a journal (`journal`);
+   extended attributes plus ``user.stormfs.key_id`` and the method
+   (``user.stormfs.encryption_method``); a file with several names gets its
+   envelope linked beside each, under a journal (`journal`);
 3. by batches: one ``syncfs`` makes the batch's copies (and journals)
    durable; each original whose identity (dev, ino, size, mtime, ctime) is
    unchanged is swapped with its copy by `swap.swap_in`, which undoes the
@@ -23,7 +24,10 @@ The authentication in step 2 proves the copy decrypts to the bytes that were
 read: the tag covers every ciphertext byte, and the ciphertext is those bytes
 under AES-CTR.
 
-A rotation's job is an envelope under an older key (`Job.key`): step 2
+Each job is sealed with its own key (`Job.seal`, else the run's key): on a
+per-user SOURCE, a file under an account is sealed with its user key.
+
+A rotation's job is an envelope not under the key it belongs under (`Job.key`): step 2
 decrypts it while sealing, and the copy is kept only if the original's tag
 verifies under that key at the end (the unverified plaintext only ever lands
 in the new envelope, hidden, which is then dropped).  An original that no
@@ -54,11 +58,12 @@ from . import format as fmt
 from . import swap
 from .content import Identity, pread_stream
 from .journal import write_journal
-from .keys import Key, Keyring
+from .keys import Key, Keyring, account_of
 from .plan import TMP_PREFIX, Job
-from .scan import authenticate, describe, header_kind
+from .scan import authenticate, describe, display, header_kind
 from .source import (
     KEY_ID_XATTR,
+    METHOD_XATTR,
     copy_metadata,
     open_dir,
     open_readonly,
@@ -289,13 +294,25 @@ class Migrator:
         again under the key that opens it (raising Retry), or reported if none does."""
         if self.keyring is None:
             return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
-        opened = authenticate(fd, st.st_size, self.keyring, recorded_key_id(fd))
+        account, seal = account_of(job.names[0]), self.sealing(job)
+        opened = authenticate(
+            fd,
+            st.st_size,
+            self.keyring,
+            recorded_key_id(fd),
+            account=account,
+            per_user=seal.account is not None,
+        )
         if opened is None:
             return Outcome(None, "decryption_failed", NO_KEY_OPENS)
-        if opened.key.key_id == self.key.key_id:
+        if opened.key == seal:
             return Outcome(Done.ALREADY, "already", "under the current key meanwhile")
         job.key = opened.key
-        raise Retry("changed", f"found under key id {opened.key.key_id}; try again")
+        raise Retry("changed", f"found under {named(opened.key)}; try again")
+
+    def sealing(self, job: Job) -> Key:
+        """The key that seals `job`."""
+        return job.seal or self.key
 
     def _open_dir(self, rel: bytes) -> int:
         return open_dir(os.path.join(self.root, os.path.dirname(rel)))
@@ -318,14 +335,16 @@ class Migrator:
             dir_fd=dirs[0],
         )
         try:
+            seal = self.sealing(job)
             if job.key is None:
-                nonce, tag = self._seal(fd, out, st, leased, counted)
-                self._verify(out, nonce, tag, st.st_size)
+                nonce, tag = self._seal(fd, out, st, leased, counted, seal)
+                self._verify(out, nonce, tag, st.st_size, seal)
             else:
-                nonce, tag = self._reseal(fd, out, st, leased, counted, job.key)
-                self._verify(out, nonce, tag, st.st_size - fmt.OVERHEAD)
+                nonce, tag = self._reseal(fd, out, st, leased, counted, job.key, seal)
+                self._verify(out, nonce, tag, st.st_size - fmt.OVERHEAD, seal)
             copy_metadata(os.path.join(self.root, job.names[0]), st, out)
-            os.setxattr(out, KEY_ID_XATTR, self.key.key_id.encode())
+            os.setxattr(out, KEY_ID_XATTR, seal.key_id.encode())
+            os.setxattr(out, METHOD_XATTR, seal.method.encode())
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
             t_st = os.fstat(out)
             for i in range(1, len(job.names)):
@@ -341,9 +360,9 @@ class Migrator:
         return Sealed(job, fd, st, leased, dirs, holds, t_st, journal, counted[0])
 
     def _seal(
-        self, fd: int, out: int, st: os.stat_result, leased: bool, counted: list[int]
+        self, fd: int, out: int, st: os.stat_result, leased: bool, counted: list[int], seal: Key
     ) -> tuple[bytes, bytes]:
-        sealer = fmt.Sealer(self.key.material)
+        sealer = fmt.Sealer(seal.material)
         pwrite_all(out, sealer.header, 0)
         off = 0
         while True:
@@ -370,14 +389,15 @@ class Migrator:
         leased: bool,
         counted: list[int],
         key: Key,
+        seal: Key,
     ) -> tuple[bytes, bytes]:
-        """Decrypt the envelope `fd` under `key` into a new one under the current key, in
-        one pass; _NotUnderKey unless the original's tag verifies at the end."""
+        """Decrypt the envelope `fd` under `key` into a new one under `seal`, in one pass;
+        _NotUnderKey unless the original's tag verifies at the end."""
         head = os.pread(fd, fmt.HEADER_SIZE, 0)
         if len(head) != fmt.HEADER_SIZE or head[:1] != fmt.VERSION_BYTE:
             raise Retry("changed", "changed while being re-encrypted")
         opener = Cipher(algorithms.AES(key.material), modes.GCM(head[1:])).decryptor()
-        sealer = fmt.Sealer(self.key.material)
+        sealer = fmt.Sealer(seal.material)
         pwrite_all(out, sealer.header, 0)
         plain_size = st.st_size - fmt.OVERHEAD
         off = 0
@@ -404,12 +424,13 @@ class Migrator:
         pwrite_all(out, tag, fmt.HEADER_SIZE + off)
         return sealer.nonce, tag
 
-    def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int) -> None:
-        """The copy on disk authenticates, with our nonce and tag: it decrypts to what we read."""
+    def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int, seal: Key) -> None:
+        """The copy on disk authenticates under `seal`, with our nonce and tag: it decrypts
+        to what we read."""
         size = plain_size + fmt.OVERHEAD
         if os.fstat(out).st_size != size:
             raise fmt.DecryptionFailed("size")
-        got = fmt.verify_stream(self.key.material, pread_stream(out), size)
+        got = fmt.verify_stream(seal.material, pread_stream(out), size)
         if got != nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tag:
             raise fmt.DecryptionFailed("mismatch")
 
@@ -491,7 +512,8 @@ class Migrator:
         st, t_st = s.st, s.t_st
         detail = f"{st.st_size} bytes"
         if s.job.key is not None:
-            detail += f", from key id {s.job.key.key_id} to {self.key.key_id}"
+            seal = self.sealing(s.job)
+            detail += f", from {named(s.job.key)} to {named(seal) if seal.account else seal.key_id}"
         growth = 0
         if st.st_blocks * 512 < st.st_size:
             growth = max(0, (t_st.st_blocks - st.st_blocks) * 512)
@@ -519,6 +541,13 @@ class Migrator:
         if journal is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(journal, dir_fd=self.state_fd)
+
+
+def named(key: Key) -> str:
+    """A key as reports name it: its id, and for a user key, whose."""
+    if key.account is None:
+        return f"key id {key.key_id}"
+    return f"the user key of {display(key.account)} from key id {key.key_id}"
 
 
 def _close_all(fd: int, dirs: list[int]) -> None:

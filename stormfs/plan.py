@@ -2,9 +2,11 @@
 
 One walk (`scan.walk`).  For `encrypt` each file is classified by its header
 (`scan.kind_of`): envelopes are already done.  For `rotate` (a keyring given)
-each envelope is also told which key opens it: those under the current key
-are done, those under an older key are to be sealed again, those no key
-opens are problems, and legacy files are sealed only when asked.  Unreadable
+each envelope is also told which key opens it: those under the key they
+belong under are done, the others are to be sealed again, those no key
+opens are problems, and legacy files are sealed only when asked.  A file
+belongs under the current key, or on a per-user SOURCE, for a file under
+``SOURCE/ACCOUNT/``, under the current key's user key of ACCOUNT.  Unreadable
 files and hard links leading outside SOURCE are problems to report, and
 sealed copies a killed run left behind (``.stormfs-tmp-enc-*``) are stale.
 """
@@ -16,9 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from . import format as fmt
-from .keys import Key, Keyring
+from .keys import USER_METHOD, Key, Keyring, account_of
 from .scan import Entry, Status, Verdict, bounded_map, classify_path, describe, kind_of, walk
-from .source import LOCAL_TMP_PREFIX, recorded_key_id
+from .source import LOCAL_TMP_PREFIX, recorded_key_id, recorded_method
 from .swap import ino
 
 # The name of a sealed copy beside its original, until it is swapped in.
@@ -29,12 +31,14 @@ TMP_PREFIX = LOCAL_TMP_PREFIX + b"enc-"
 class Job:
     """One inode to seal and every name it has in SOURCE (relative paths).
 
-    `key` opens it, for an envelope under an older key; None for legacy plaintext.
+    `key` opens it, for an envelope not under the key it belongs under; None for
+    legacy plaintext.  `seal` is the key to seal it with (None: the run's key).
     """
 
     names: list[bytes]
     size: int
     key: Key | None = None
+    seal: Key | None = None
 
 
 @dataclass
@@ -57,24 +61,26 @@ def plan(
     *,
     include_legacy: bool = True,
     hints: bool = False,
+    per_user: bool = False,
 ) -> Plan:
     """Walk SOURCE: files to seal (grouped by inode), files already done, problems.
 
     Without `keyring`, legacy files are to be sealed (`encrypt`).  With it,
-    envelopes not under its current key are too, and legacy files only with
-    `include_legacy` (`rotate`).  Files are classified by `workers` threads:
+    envelopes not under the key they belong under are too (the current key, or
+    with `per_user` its user key for a file of an account), and legacy files only
+    with `include_legacy` (`rotate`).  Files are classified by `workers` threads:
     on a cold cache each is a disk seek, and for a rotation a read in full,
     except, with `hints`, an envelope whose recorded key id names an older key.
     """
     p = Plan()
-    links: dict[tuple[int, int], tuple[list[bytes], Key | None]] = {}
+    links: dict[tuple[int, int], tuple[list[bytes], Key | None, Key | None]] = {}
     link_st: dict[tuple[int, int], os.stat_result] = {}
 
     def hidden(rel: bytes, entry: os.DirEntry) -> None:
         if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
             p.stale.append(rel)
 
-    classify = partial(_verdict, root, keyring, hints)
+    classify = partial(_verdict, root, keyring, hints, per_user)
     for entry, verdict in bounded_map(classify, walk(root, on_hidden=hidden), workers=workers):
         if verdict is None:
             continue  # removed since it was listed
@@ -83,9 +89,8 @@ def plan(
             p.problems.append((entry.rel, verdict.status.value, verdict.detail))
             continue
         key = verdict.key
-        if verdict.status is Status.ENCRYPTED and (
-            keyring is None or key is None or key.key_id == keyring.current.key_id
-        ):
+        seal = _belongs(keyring, per_user, entry.rel)
+        if verdict.status is Status.ENCRYPTED and (key is None or key == seal):
             p.already += 1
             continue
         if verdict.status is Status.NEEDS_ENCRYPTION and not include_legacy:
@@ -95,14 +100,14 @@ def plan(
         if entry.st.st_blocks * 512 < entry.st.st_size:
             p.sparse.add(entry.rel)
         if entry.st.st_nlink > 1:
-            links.setdefault(ino(entry.st), ([], key))[0].append(entry.rel)
+            links.setdefault(ino(entry.st), ([], key, seal))[0].append(entry.rel)
             link_st[ino(entry.st)] = entry.st
         else:
-            p.jobs.append(Job([entry.rel], entry.st.st_size, key))
-    for inode, (names, key) in links.items():
+            p.jobs.append(Job([entry.rel], entry.st.st_size, key, seal))
+    for inode, (names, key, seal) in links.items():
         nlink = link_st[inode].st_nlink
         if len(names) == nlink:
-            p.jobs.append(Job(names, link_st[inode].st_size, key))
+            p.jobs.append(Job(names, link_st[inode].st_size, key, seal))
         else:
             for n in names:
                 p.problems.append(
@@ -116,14 +121,23 @@ def plan(
     return p
 
 
-def _verdict(root: bytes, keyring: Keyring | None, hints: bool, entry: Entry) -> Verdict | None:
+def _belongs(keyring: Keyring | None, per_user: bool, rel: bytes) -> Key | None:
+    """The key the file `rel` belongs under (None: the run's key, for `encrypt`)."""
+    if keyring is None:
+        return None
+    return keyring.sealing(account_of(rel)) if per_user else keyring.current
+
+
+def _verdict(
+    root: bytes, keyring: Keyring | None, hints: bool, per_user: bool, entry: Entry
+) -> Verdict | None:
     """The file's class (None if it is gone), and for a rotation the key that opens it.
 
     Without a keyring, by its header alone.  With one and `hints`, an envelope
-    whose recorded key id names an older key of the keyring is taken to be
-    under that key unread: sealing it again reads it in full and
-    authenticates it under that key (and finds the right one if it was not).
-    Any other envelope is authenticated here.
+    whose recorded key id and method name a key of the keyring (or its user key)
+    other than the one it belongs under is taken to be under that key unread:
+    sealing it again reads it in full and authenticates it under that key (and
+    finds the right one if it was not).  Any other envelope is authenticated here.
     """
     if entry.error is not None:
         return Verdict(Status.UNREADABLE, describe(entry.error))
@@ -141,8 +155,11 @@ def _verdict(root: bytes, keyring: Keyring | None, hints: bool, entry: Entry) ->
         return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({entry.st.st_size} bytes)")
     if keyring is None:
         return Verdict(Status.ENCRYPTED, "envelope header")
+    account = account_of(entry.rel)
     recorded = recorded_key_id(path) if hints else None
     hinted = keyring.get(recorded) if recorded is not None else None
-    if hinted is not None and hinted.key_id != keyring.current.key_id:
+    if hinted is not None and account is not None and recorded_method(path) == USER_METHOD:
+        hinted = keyring.user(hinted, account)
+    if hinted is not None and hinted != _belongs(keyring, per_user, entry.rel):
         return Verdict(Status.ENCRYPTED, f"recorded under key id {hinted.key_id}", hinted)
-    return classify_path(path, keyring, quick=False)
+    return classify_path(path, keyring, quick=False, account=account, per_user=per_user)

@@ -5,7 +5,11 @@ format is told by its first bytes (`layout_from`, and over files `layout_of`,
 `header_layout`, `kind_of`, `header_kind`): legacy plaintext, a v1 envelope or
 a v2 chunked file (docs/FORMAT.md, "Classification"); `classify_path` also
 says whether an envelope authenticates and which key of the keyring opens it
-(`opening_key`, the one loop over the keys).
+(`opening_key`, the one loop over the keys).  A file under ``SOURCE/ACCOUNT/``
+may be under a key of the keyring or under that key's user key of ACCOUNT
+(Storm Cloud's ``server-user`` mode): both are candidates, the key named by
+the key id recorded on the file first, and of its two forms the one the
+method recorded on the file names (else, the user key on a per-user SOURCE).
 
 Blocking code.  Nothing here writes: files are opened read-only with
 O_NOATIME where the kernel allows it, so even access times stay as they were.
@@ -27,8 +31,8 @@ from typing import NamedTuple, TypeVar
 from . import format as fmt
 from . import format_v2 as v2
 from .content import LRU, Identity, Opened, pread_stream
-from .keys import Key, Keyring
-from .source import is_hidden, open_readonly, recorded_key_id
+from .keys import MASTER_METHOD, USER_METHOD, Key, Keyring
+from .source import is_hidden, open_readonly, recorded_key_id, recorded_method
 
 # A file that changes while it is being verified is read again this many times.
 VERIFY_ATTEMPTS = 3
@@ -55,11 +59,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A file's class, why, and (authenticated envelopes) the key that opens it."""
+    """A file's class, why, (authenticated envelopes) the key that opens it, and (legacy
+    files and envelopes) its encryption method: ``none``, ``server`` or ``server-user``."""
 
     status: Status
     detail: str
     key: Key | None = None
+    method: str | None = None
 
 
 def display(rel: bytes) -> str:
@@ -224,38 +230,72 @@ def kind_of(
 
 
 def opening_key(
-    keyring: Keyring, key_id: str | None, opens: Callable[[bytes], object]
+    keyring: Keyring,
+    key_id: str | None,
+    opens: Callable[[bytes], object],
+    *,
+    account: bytes | None = None,
+    user_first: bool = False,
 ) -> Key | None:
-    """The key of `keyring` that opens something, the one named `key_id` tried first.
+    """The key of `keyring` that opens something, the one named `key_id` tried first;
+    for a file of `account`, each key's user key too (first if `user_first`).
 
     `opens(material)` raises DecryptionFailed for a key that does not open it.
     """
-    for key in keyring.candidates(key_id):
+    for key in keyring.candidates(key_id, account, user_first=user_first):
         with contextlib.suppress(fmt.DecryptionFailed):
             opens(key.material)
             return key
     return None
 
 
-def authenticate(fd: int, size: int, keyring: Keyring, key_id: str | None) -> Opened | None:
+def user_first(fd: int, account: bytes | None, per_user: bool) -> bool:
+    """Whether the user key is the likely one for the file open at `fd`, of `account`:
+    as the method recorded on it says, else when SOURCE is a per-user one."""
+    if account is None:
+        return False
+    method = recorded_method(fd)
+    return per_user if method not in (MASTER_METHOD, USER_METHOD) else method == USER_METHOD
+
+
+def authenticate(
+    fd: int,
+    size: int,
+    keyring: Keyring,
+    key_id: str | None,
+    *,
+    account: bytes | None = None,
+    per_user: bool = False,
+) -> Opened | None:
     """The nonce, and the key of `keyring` that opens the envelope of `size` bytes open
-    at `fd` (the key named `key_id` tried first); None when no key opens it."""
+    at `fd` (the key named `key_id` tried first; for a file of `account`, user keys
+    too, the likely form first, `per_user` saying what is likely where the file does
+    not); None when no key opens it."""
     nonces: list[bytes] = []
 
     def opens(material: bytes) -> None:
         nonces.append(fmt.verify_stream(material, pread_stream(fd), size))
 
-    key = opening_key(keyring, key_id, opens)
+    first = user_first(fd, account, per_user)
+    key = opening_key(keyring, key_id, opens, account=account, user_first=first)
     return None if key is None else Opened(nonces[-1], key)
 
 
-def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdict:
+def classify_path(
+    path: bytes,
+    keyring: Keyring | None,
+    *,
+    quick: bool,
+    account: bytes | None = None,
+    per_user: bool = False,
+) -> Verdict:
     """Put one file in exactly one class.
 
     Envelopes are authenticated in full (streaming, bounded memory) unless
-    `quick`, which trusts the header.  A file that changes while it is read is
-    read again; one that keeps changing, cannot be opened or read, or has
-    vanished is `unreadable`.
+    `quick`, which trusts the header (and the method recorded on the file).
+    A file of `account` may also be under a user key (`authenticate`).  A file
+    that changes while it is read is read again; one that keeps changing, cannot
+    be opened or read, or has vanished is `unreadable`.
     """
     last = ""
     for _ in range(VERIFY_ATTEMPTS):
@@ -269,12 +309,15 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
                 return Verdict(Status.UNREADABLE, "no longer a regular file")
             layout = header_layout(fd, st)
             if layout is LEGACY:
-                return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
+                legacy = f"legacy plaintext ({st.st_size} bytes)"
+                return Verdict(Status.NEEDS_ENCRYPTION, legacy, method="none")
             if quick:
-                return Verdict(Status.ENCRYPTED, f"{layout.name} header (not verified)")
+                method = USER_METHOD if user_first(fd, account, False) else MASTER_METHOD
+                header = f"{layout.name} header (not verified)"
+                return Verdict(Status.ENCRYPTED, header, None, method)
             if keyring is None:
                 return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
-            verdict = _authenticate(fd, st, keyring, layout)
+            verdict = _authenticate(fd, st, keyring, layout, account, per_user)
             if Identity.of(os.fstat(fd)) == Identity.of(st):
                 return verdict
             last = "kept changing during the scan"
@@ -285,20 +328,33 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
     return Verdict(Status.UNREADABLE, last)
 
 
-def _authenticate(fd: int, st: os.stat_result, keyring: Keyring, layout: Layout) -> Verdict:
+def _authenticate(
+    fd: int,
+    st: os.stat_result,
+    keyring: Keyring,
+    layout: Layout,
+    account: bytes | None,
+    per_user: bool,
+) -> Verdict:
     """Every byte of the envelope checked; a v2 file's header alone turns a wrong key away."""
     if layout.version == 2:
 
         def opens(material: bytes) -> None:
             v2.verify_stream(material, pread_stream(fd), st.st_size)
 
-        key = opening_key(keyring, recorded_key_id(fd), opens)
+        first = user_first(fd, account, per_user)
+        key = opening_key(keyring, recorded_key_id(fd), opens, account=account, user_first=first)
     else:
-        opened = authenticate(fd, st.st_size, keyring, recorded_key_id(fd))
+        opened = authenticate(
+            fd, st.st_size, keyring, recorded_key_id(fd), account=account, per_user=per_user
+        )
         key = opened.key if opened is not None else None
     if key is not None:
         prefix = "v2 file " if layout.version == 2 else ""
-        return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under key id {key.key_id}", key)
+        under = f"key id {key.key_id}"
+        if key.account is not None:
+            under = f"the user key of {display(key.account)} from {under}"
+        return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under {under}", key, key.method)
     if layout.version == 2:
         why = "v2 file does not authenticate under the key (wrong key, damaged, cut or extended)"
     else:

@@ -29,6 +29,8 @@ HIDDEN_PREFIX = b".stormfs"
 LOCAL_TMP_PREFIX = b".stormfs-tmp-"
 VIRTUAL_XATTR_PREFIX = "user.stormfs."
 KEY_ID_XATTR = VIRTUAL_XATTR_PREFIX + "key_id"
+# Recorded beside the key id: whether that key or its user key sealed the file.
+METHOD_XATTR = VIRTUAL_XATTR_PREFIX + "encryption_method"
 RENAME_EXCHANGE = 2
 # A temporary file of `write_atomically` is its target's name plus this and a random tag.
 PART_INFIX = b".part-"
@@ -195,11 +197,21 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 def recorded_key_id(file: int | bytes) -> str | None:
     """The key id recorded on a file (a descriptor, or a path whose symlink is not followed)."""
+    return _recorded(file, KEY_ID_XATTR)
+
+
+def recorded_method(file: int | bytes) -> str | None:
+    """The encryption method (``server``, ``server-user``) recorded on a file, like
+    `recorded_key_id`."""
+    return _recorded(file, METHOD_XATTR)
+
+
+def _recorded(file: int | bytes, name: str) -> str | None:
     try:
         if isinstance(file, int):
-            raw = os.getxattr(file, KEY_ID_XATTR)
+            raw = os.getxattr(file, name)
         else:
-            raw = os.getxattr(file, KEY_ID_XATTR, follow_symlinks=False)
+            raw = os.getxattr(file, name, follow_symlinks=False)
     except OSError:
         return None
     return raw.decode("utf-8", "replace")

@@ -50,12 +50,13 @@ from .instances import (
     owner_gone,
     remove_leftover,
 )
-from .keys import Key, Keyring
+from .keys import MASTER_METHOD, USER_METHOD, Key, Keyring, account_of
 from .publisher import Pending, Place, Publisher
-from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
+from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key, user_first
 from .source import (
     KEY_ID_XATTR,
     LOCAL_TMP_PREFIX,
+    METHOD_XATTR,
     At,
     copy_metadata,
     copy_metadata_fd,
@@ -64,6 +65,7 @@ from .source import (
     open_dir,
     open_lock,
     recorded_key_id,
+    recorded_method,
     set_xattr,
     state_dir,
     write_atomically,
@@ -129,7 +131,11 @@ class Store:
     every new version); the other keys of `keyring` only open what they sealed.
     `write_v2`: new versions are v2 files (else v1 envelopes).  `publish_delay`:
     seconds within which a version committed without `durable` is published
-    (`publisher`); None publishes it before the commit returns."""
+    (`publisher`); None publishes it before the commit returns.
+
+    With `per_user_keys`, a file under ``SOURCE/ACCOUNT/`` is sealed with the current
+    key's user key of ACCOUNT (`keys.user_key`).  Whatever the option, a file under
+    an account opens under a key of the keyring or under its user key."""
 
     def __init__(
         self,
@@ -138,9 +144,11 @@ class Store:
         *,
         write_v2: bool = False,
         publish_delay: float | None = None,
+        per_user_keys: bool = False,
     ) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
         self.write_v2 = write_v2
+        self.per_user_keys = per_user_keys
         self.keyring = keyring
         self.key = keyring.current if keyring is not None else None
         only = self.key if keyring is not None and len(keyring) == 1 else None
@@ -380,27 +388,68 @@ class Store:
             return st, st.st_size, None
         return st, layout.plaintext_size(st.st_size), layout
 
-    def key_id_of(self, at: At) -> str | None:
-        """The id of the key that opened the file, once a read has verified it; before,
-        the id recorded on it (None if none is)."""
+    def account(self, at: At) -> bytes | None:
+        """The account of the place `at`: the first component of its path under SOURCE,
+        None for a name directly in SOURCE.
+
+        Told from the path the kernel gives the directory descriptor now, so it
+        follows renames of the directories above, made through the mount or not."""
+        return self._account(self.real_path(at))
+
+    def _account_of_fd(self, fd: int) -> bytes | None:
+        """The account of the file open at `fd`, by the path the kernel gives it now."""
+        try:
+            return self._account(os.readlink(b"/proc/self/fd/%d" % fd))
+        except OSError:
+            return None
+
+    def _account(self, path: bytes) -> bytes | None:
+        inside = self.root.rstrip(b"/") + b"/"
+        return account_of(path[len(inside) :]) if path.startswith(inside) else None
+
+    def _verified(self, at: At) -> Opened | None:
         try:
             opened = self.verdicts.get(Identity.of(self.lstat(at)))
         except OSError:
-            opened = None
-        if isinstance(opened, Opened):
-            return opened.key.key_id
-        return recorded_key_id(at.proc)
+            return None
+        return opened if isinstance(opened, Opened) else None
+
+    def key_id_of(self, at: At) -> str | None:
+        """The id of the key that opened the file, once a read has verified it (for a
+        user key, the id of the key it is derived from); before, the id recorded on it
+        (None if none is)."""
+        opened = self._verified(at)
+        return opened.key.key_id if opened is not None else recorded_key_id(at.proc)
+
+    def method_of(self, at: At) -> str:
+        """``server-user`` for an envelope under a user key, ``server`` for one under a key
+        of the keyring: as the key that opened it says once a read has verified it;
+        before, as recorded on the file (``server`` if nothing is)."""
+        opened = self._verified(at)
+        if opened is not None:
+            return opened.key.method
+        return USER_METHOD if recorded_method(at.proc) == USER_METHOD else MASTER_METHOD
 
     def _authenticate(self, fd: int, size: int) -> Opened | None:
         assert self.keyring is not None
-        return authenticate(fd, size, self.keyring, recorded_key_id(fd))
+        account, per_user = self._account_of_fd(fd), self.per_user_keys
+        return authenticate(
+            fd, size, self.keyring, recorded_key_id(fd), account=account, per_user=per_user
+        )
 
     def _v2_key(self, fd: int) -> bytes:
-        """The key of the keyring whose MAC the v2 header carries (the current one if
-        none does: the reads then fail as damage)."""
+        """The key of the keyring (or user key) whose MAC the v2 header carries (the current
+        one if none does: the reads then fail as damage)."""
         assert self.keyring is not None and self.key is not None
         header = os.pread(fd, v2.HEADER_SIZE, 0)
-        key = opening_key(self.keyring, recorded_key_id(fd), lambda m: v2.open_header(m, header))
+        account = self._account_of_fd(fd)
+        key = opening_key(
+            self.keyring,
+            recorded_key_id(fd),
+            lambda m: v2.open_header(m, header),
+            account=account,
+            user_first=user_first(fd, account, self.per_user_keys),
+        )
         return (key or self.key).material
 
     def open_reader(self, at: At) -> Reader:
@@ -435,8 +484,13 @@ class Store:
     # ---- writing ----------------------------------------------------------
 
     def sealing_key(self, at: At) -> Key | None:
-        """The key that seals new versions of the file at `at` (None: plaintext)."""
-        return self.key
+        """The key that seals new versions of the file at `at` (None: plaintext): the
+        current key, or with per-user keys, for a file under ``SOURCE/ACCOUNT/``, the
+        current key's user key of ACCOUNT (`account`: where the file's directory is
+        now, so a rename of a directory above it, through the mount or not, counts)."""
+        if self.keyring is None or not self.per_user_keys:
+            return self.key
+        return self.keyring.sealing(self.account(at))
 
     def committer(
         self, at: At, *, durable: bool, times: tuple[int | None, int] | None = None
@@ -492,6 +546,7 @@ class Store:
         copy_metadata(at.proc, old, temp.fd)
         if key is not None:
             set_xattr(temp.fd, KEY_ID_XATTR, key.key_id.encode())
+            set_xattr(temp.fd, METHOD_XATTR, key.method.encode())
         if ns is not None:
             os.utime(temp.fd, ns=ns)
         if not durable:
@@ -578,6 +633,7 @@ class Store:
                 os.utime(fd, ns=times)
             if key is not None:
                 set_xattr(fd, KEY_ID_XATTR, key.key_id.encode())
+                set_xattr(fd, METHOD_XATTR, key.method.encode())
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -26,6 +26,13 @@ def new_key() -> str:
     return text
 
 
+def track(raw: bytes) -> str:
+    """Remember key material made another way (a derived key) as if `new_key` had made it."""
+    text = base64.urlsafe_b64encode(raw).decode("ascii")
+    _KEYS.append(text)
+    return text
+
+
 def forms(text: str) -> tuple[str, ...]:
     """The ways a leaked key could be spelled in output."""
     raw = keys.parse_key(text)

@@ -113,7 +113,7 @@ class AttrOps(OpsBase):
             return {XATTR_METHOD: b"none"}
         key_id = self.store.key_id_of(at) or (self.store.key.key_id if self.store.key else "")
         return {
-            XATTR_METHOD: b"server",
+            XATTR_METHOD: self.store.method_of(at).encode(),
             XATTR_SIZE: str(st.st_size).encode(),
             KEY_ID_XATTR: key_id.encode(),
             XATTR_FORMAT: layout.name.encode(),

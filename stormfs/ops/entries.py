@@ -1,5 +1,12 @@
 """Operations on names and directories: lookup and forget, making and removing
-names, renames, listing and syncing directories."""
+names, renames, listing and syncing directories.
+
+On a mount with per-user keys, a rename that would move a file to another
+account's key (across accounts, between SOURCE's top level and an account, or
+of a top-level directory, which is an account) is refused with EXDEV: `mv`
+then copies and removes, and the copy is sealed under the key of where it
+lands.  Re-sealing inside rename would make it neither atomic nor cheap.  A
+hard link across accounts is refused alike: one file cannot be under two keys."""
 
 from __future__ import annotations
 
@@ -121,6 +128,8 @@ class EntryOps(OpsBase):
             await self._settle(src)
 
             def make(at: At) -> None:
+                if self.store.per_user_keys and self._changes_account(src, at, 0):
+                    raise OSError(errno.EXDEV, "a hard link cannot join two accounts")
                 os.link(
                     src.name,
                     at.name,
@@ -180,6 +189,10 @@ class EntryOps(OpsBase):
         async with contextlib.AsyncExitStack() as stack:
             for node in locked:
                 await stack.enter_async_context(node.file.lock)
+            if self.store.per_user_keys and await self._meta(
+                self._changes_account, old, new, flags
+            ):
+                raise pyfuse3.FUSEError(errno.EXDEV)
             await self._settle(old)
             await self._settle(new)
             if flags:
@@ -195,6 +208,20 @@ class EntryOps(OpsBase):
                 self.table.move((parent_inode_old, name_old), (parent_inode_new, name_new))
         for node in locked:
             self.table.settle(node)
+
+    def _changes_account(self, old: At, new: At, flags: int) -> bool:
+        """Blocking: whether the rename would put sealed content (a regular file, or a
+        directory and all it holds) under another account: across accounts, between
+        SOURCE's top level and an account, or a top-level directory (an account) itself."""
+        moves = [(old, new), (new, old)] if flags & pyfuse3.RENAME_EXCHANGE else [(old, new)]
+        for src, dst in moves:
+            mode = src.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                continue  # a symlink, a device, a FIFO: nothing is sealed
+            account = self.store.account(src)
+            if account != self.store.account(dst) or (account is None and stat.S_ISDIR(mode)):
+                return True
+        return False
 
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
