@@ -219,6 +219,10 @@ def _status(args: argparse.Namespace) -> int:
         f"  transferred:   {human_bytes(s['bytes_read'])} read, "
         f"{human_bytes(s['bytes_written'])} written"
     )
+    requests = sorted(s["requests"].items(), key=lambda kv: -kv[1]["count"])
+    total = sum(r["count"] for _, r in requests)
+    kinds = ", ".join(f"{kind} {r['count']}" for kind, r in requests)
+    print(f"  requests:      {total}{': ' + kinds if kinds else ''}")
     print(f"  DECRYPTION_FAILED: {s['decryption_failed']}")
     for path in s["decryption_failed_recent"]:
         print(f"    {path}")
