@@ -3,6 +3,7 @@ and always take it down again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -177,12 +178,21 @@ class Gocryptfs(FuseTarget):
 class Stormfs(FuseTarget):
     name = "stormfs"
 
-    def __init__(self, program: str, key: str) -> None:
+    def __init__(self, program: str, key: str, options: str = "") -> None:
         self.program = program
         self._key = key
+        self._options = ["-o", options] if options else []
 
     def command(self, workdir: Path, src: Path, mnt: Path) -> list[str]:
-        return [self.program, "mount", "--foreground", str(src), str(mnt)]
+        return [self.program, "mount", "--foreground", *self._options, str(src), str(mnt)]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "STORMCLOUD_ENCRYPTION_KEY": self._key}
+
+
+def requests(mnt: Path) -> dict[str, dict[str, float]]:
+    """The requests a stormfs daemon has answered, by kind (`stormfs status`)."""
+    report: dict[str, dict[str, dict[str, float]]] = json.loads(
+        os.getxattr(mnt, "user.stormfs.status")
+    )
+    return report["requests"]
