@@ -599,7 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
         "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS), "
         "metrics_file=PATH (the counters of stormfs status in Prometheus' text format, "
-        "rewritten every 15 s). "
+        "rewritten every 15 s), "
+        "writeback_cache (the kernel merges small writes and keeps sizes and mtimes itself: "
+        "only where nothing else writes SOURCE; refused beside another daemon), "
+        "exclusive (a promise that nothing but this daemon changes SOURCE: entry and "
+        "attribute timeouts of 300 s unless given, the page cache kept across opens; "
+        "refused beside another daemon). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )

@@ -19,12 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stormfs import keys
 
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
+
+# For tests on the `mounted` fixture: each runs on a mount with the defaults and on
+# one with the kernel's writeback cache (conftest's `mount_args`).
+WITH_WRITEBACK_CACHE = pytest.mark.parametrize(
+    "mount_args", [(), ("-o", "writeback_cache")], ids=["default", "writeback_cache"]
+)
 
 
 def scrubbed_env(key: str | None = None, **extra: str) -> dict[str, str]:

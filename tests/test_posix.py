@@ -12,7 +12,9 @@ import threading
 
 import pytest
 
-from .helpers import Mount, wait_for
+from .helpers import WITH_WRITEBACK_CACHE, Mount, wait_for
+
+pytestmark = WITH_WRITEBACK_CACHE
 
 
 def test_write_at_offsets_append_and_sparse(mounted: Mount):

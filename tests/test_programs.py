@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Mount
+from .helpers import WITH_WRITEBACK_CACHE, Mount
+
+pytestmark = WITH_WRITEBACK_CACHE
 
 
 def run(*cmd: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:
