@@ -140,6 +140,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--stormfs-options", default="", metavar="OPTS", help="-o options of the stormfs target"
     )
     p.add_argument(
+        "--only",
+        metavar="KEYS",
+        help="run only the workloads giving these metrics (comma-separated keys of the JSON, "
+        "e.g. tar_extract,cp_r,git_clone)",
+    )
+    p.add_argument(
+        "--best",
+        action="store_true",
+        help="report the best round instead of the median (for a machine others share)",
+    )
+    p.add_argument(
         "--migrate-size", type=parse_size, metavar="SIZE", help="legacy tree (1G, quick 64M)"
     )
     p.add_argument(
@@ -169,6 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 0:
         p.error("--rounds: 0 or more")
     args.requests_with = args.requests_with or list(REQUEST_OPTIONS)
+    args.only = set(filter(None, (args.only or "").split(",")))
     args.targets = [t for t in args.targets.split(",") if t]
     if not args.targets:
         p.error("--targets: name at least one target")
@@ -235,7 +247,7 @@ class Bench:
         if m.pid is not None:
             pid = m.pid
             steps.append((("rss_write", "peak_rss"), lambda: wl.big_file_rss(p, pid, a.big_size)))
-        return steps
+        return [s for s in steps if not a.only or a.only & set(s[0])]
 
     def copy(self, mnt: Path, mark: Callable[[], None] = lambda: None) -> float:
         return wl.tree_op(mnt, ("cp", "-r", self.lib, mnt), self.tree.manifest, mark)
@@ -285,14 +297,15 @@ class Bench:
                         + first.get(kind, {}).get("count", 0)
                         for kind in after
                     }
-                    handler = sum(
-                        after[k]["seconds"] - base.get(k, {}).get("seconds", 0) for k in after
-                    )
+                    spent = {
+                        k: after[k]["seconds"] - base.get(k, {}).get("seconds", 0) for k in after
+                    }
                     record["workloads"][name] = {
                         "files": files,
                         "seconds": seconds,
-                        "handler_seconds": handler,
+                        "handler_seconds": sum(spent.values()),
                         "requests": {k: v for k, v in counts.items() if v > 0},
+                        "handler_seconds_by_kind": {k: spent[k] for k, v in counts.items() if v},
                     }
         except (tg.Unavailable, wl.CheckFailed) as e:
             record.update(status="FAIL", reason=str(e))
@@ -348,15 +361,20 @@ class Bench:
             clean(workdir)
 
 
-def _median(runs: list[dict[str, Any]], target: str, key: str) -> float | None:
-    values = [r["metrics"][key] for r in runs if r["target"] == target and key in r["metrics"]]
-    return statistics.median(values) if values else None
+def _median(runs: list[dict[str, Any]], target: str, m: Metric, best: bool = False) -> float | None:
+    """The median of the rounds, or with `best` the best of them."""
+    values = [r["metrics"][m.key] for r in runs if r["target"] == target and m.key in r["metrics"]]
+    if not values:
+        return None
+    if best:
+        return max(values) if m.higher_is_better else min(values)
+    return statistics.median(values)
 
 
 def summarize(
-    runs: list[dict[str, Any]], names: list[str], table: list[Metric]
+    runs: list[dict[str, Any]], names: list[str], table: list[Metric], best: bool = False
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
-    medians = {t: {m.key: _median(runs, t, m.key) for m in table} for t in names}
+    medians = {t: {m.key: _median(runs, t, m, best) for m in table} for t in names}
     ratios: dict[str, dict[str, float | None]] = {}
     for other in ("gocryptfs", "passthrough"):
         if "stormfs" not in names or other not in names:
@@ -389,6 +407,7 @@ def render(
     medians: dict[str, dict[str, float | None]],
     ratios: dict[str, dict[str, float | None]],
     rounds: int,
+    best: bool = False,
 ) -> str:
     head = ["workload", "unit", *names, *ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -398,8 +417,8 @@ def render(
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     legend = (
-        f"Median of {rounds} round(s). MB/s = 10^6 bytes/s, higher is better; s and MiB, "
-        "lower is better. `-`: not applicable (no daemon)."
+        f"{'Best' if best else 'Median'} of {rounds} round(s). MB/s = 10^6 bytes/s, higher is "
+        "better; s and MiB, lower is better. `-`: not applicable (no daemon)."
     )
     if ratios:
         legend += " Ratios > 1 mean stormfs is better (stormfs/other for MB/s, other/stormfs else)."
@@ -489,7 +508,10 @@ def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "scratch": str(bench.scratch),
         "tar_files": len(bench.tree.manifest),
         "repo_files": len(bench.repo_manifest),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v
+            for k, v in vars(args).items()
+        },
     }
 
 
@@ -537,8 +559,14 @@ def main(argv: list[str] | None = None) -> int:
         for point in tg.mounts_under(args.scratch):
             tg.unmount(point)
     table = metrics(args, len(bench.tree.manifest))
-    medians, ratios = summarize(runs, names, table)
-    text = render(runs, names, table, medians, ratios, args.rounds) if args.rounds else ""
+    if args.only:
+        table = [
+            m for m in table if any(m.key in r["metrics"] or m.key in r["errors"] for r in runs)
+        ]
+    medians, ratios = summarize(runs, names, table, args.best)
+    text = (
+        render(runs, names, table, medians, ratios, args.rounds, args.best) if args.rounds else ""
+    )
     if args.migrate:
         text += "\n\n" + render_migrate(migrate, args.migrate_size)
     for record in requests:

@@ -603,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
         "writeback_cache (the kernel merges small writes and keeps sizes and mtimes itself: "
         "only where nothing else writes SOURCE; refused beside another daemon), "
         "exclusive (a promise that nothing but this daemon changes SOURCE: entry and "
-        "attribute timeouts of 300 s unless given, the page cache kept across opens; "
+        "attribute timeouts of 300 s unless given, missing names remembered as long, the page "
+        "cache kept across opens; "
         "refused beside another daemon). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",

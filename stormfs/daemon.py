@@ -200,6 +200,8 @@ def serve(
         )
         ops.enable_writeback_cache = opts.writeback_cache
         ops.keep_cache = opts.exclusive
+        if opts.exclusive:
+            ops.negative_timeout = opts.entry_timeout
         fuse_opts = {
             *opts.fuse,
             "default_permissions",

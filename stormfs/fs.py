@@ -6,10 +6,13 @@ Every request handler is counted here, by kind, with the time spent in it
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 from collections.abc import Callable
 from typing import Any
+
+import pyfuse3
 
 from .ops.attrs import AttrOps
 from .ops.entries import EntryOps
@@ -64,6 +67,22 @@ def _counted(kind: str, handler: Callable[..., Any]) -> Callable[..., Any]:
 class Operations(EntryOps, FileOps, AttrOps):
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # How long the kernel may remember that a name does not exist (-o exclusive: only
+    # this daemon makes names); 0: it asks again every time.
+    negative_timeout = 0.0
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            return await super().lookup(parent_inode, name, ctx)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT or not self.negative_timeout:
+                raise
+        missing = pyfuse3.EntryAttributes()
+        missing.st_ino = 0
+        missing.entry_timeout = self.negative_timeout
+        return missing
 
 
 for _kind in REQUESTS:

@@ -27,10 +27,13 @@ from stormfs import keys
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 
-# For tests on the `mounted` fixture: each runs on a mount with the defaults and on
-# one with the kernel's writeback cache (conftest's `mount_args`).
-WITH_WRITEBACK_CACHE = pytest.mark.parametrize(
-    "mount_args", [(), ("-o", "writeback_cache")], ids=["default", "writeback_cache"]
+# For tests on the `mounted` fixture: each runs on a mount with the defaults, on one
+# with the kernel's writeback cache, and on one that also has SOURCE to itself
+# (conftest's `mount_args`).
+MOUNT_VARIANTS = pytest.mark.parametrize(
+    "mount_args",
+    [(), ("-o", "writeback_cache"), ("-o", "writeback_cache,exclusive")],
+    ids=["default", "writeback_cache", "writeback_cache+exclusive"],
 )
 
 

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from .helpers import WITH_WRITEBACK_CACHE, Mount, wait_for
+from .helpers import MOUNT_VARIANTS, Mount, wait_for
 
-pytestmark = WITH_WRITEBACK_CACHE
+pytestmark = MOUNT_VARIANTS
 
 
 def test_write_at_offsets_append_and_sparse(mounted: Mount):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import WITH_WRITEBACK_CACHE, Mount
+from .helpers import MOUNT_VARIANTS, Mount
 
-pytestmark = WITH_WRITEBACK_CACHE
+pytestmark = MOUNT_VARIANTS
 
 
 def run(*cmd: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:

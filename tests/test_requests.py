@@ -95,6 +95,24 @@ def test_exclusive_raises_the_timeouts_unless_given(mount_factory: MountFactory)
     assert {"exclusive", "entry_timeout=300", "attr_timeout=2"} <= set(options)
 
 
+def test_exclusive_remembers_missing_names(mount_factory: MountFactory):
+    m = mount_factory(args=("-o", "exclusive"))
+
+    def lookups() -> int:
+        return status(m.mnt)["requests"].get("lookup", {}).get("count", 0)
+
+    before = lookups()
+    for _ in range(5):
+        assert not (m.mnt / "missing").exists()
+    assert lookups() - before == 1  # asked once, then remembered
+    (m.mnt / "missing").write_bytes(b"made here")  # names made through the mount show
+    assert (m.mnt / "missing").read_bytes() == b"made here"
+    # What breaking the promise looks like: a name made behind the mount stays unseen.
+    assert not (m.mnt / "behind").exists()
+    (m.source / "behind").write_bytes(b"x")
+    assert not (m.mnt / "behind").exists()
+
+
 def second_daemon(source: Path, mnt: Path, key: str, *opts: str) -> subprocess.CompletedProcess:
     mnt.mkdir()
     return subprocess.run(

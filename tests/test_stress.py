@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import WITH_WRITEBACK_CACHE, Mount, MountFactory
+from .helpers import MOUNT_VARIANTS, Mount, MountFactory
 
 CPYTHON_MODULES = [
     "test_os",
@@ -69,13 +69,13 @@ def seeds(n: int) -> dict[str, int]:
     return {f"fsx{i}.bin": rng.randrange(1 << 32) for i in range(n)}
 
 
-@WITH_WRITEBACK_CACHE
+@MOUNT_VARIANTS
 @pytest.mark.timeout(300)
 def test_fsx_short(mounted: Mount):
     run_fsx(mounted, seeds(3), ops=300, max_size=512 << 10)
 
 
-@WITH_WRITEBACK_CACHE
+@MOUNT_VARIANTS
 @pytest.mark.stress
 @pytest.mark.timeout(3600)
 def test_fsx_long(mounted: Mount):
