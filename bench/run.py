@@ -35,7 +35,10 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-sole")
+# stormfs-sole: a mount that has SOURCE to itself (README: writeback_cache, exclusive).
+SOLE_OPTIONS = "writeback_cache,exclusive"
+DEFAULT_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
 FULL = {
     "rounds": 3,
     "seq_size": "512M",
@@ -108,7 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset")
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated, of {', '.join(ALL_TARGETS)} (default: %(default)s)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes and one round: a smoke run")
     p.add_argument(
         "--rounds", type=int, metavar="N", help="rounds (3, quick 1; 0: only --migrate, --requests)"
@@ -135,9 +142,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="OPTS",
         help="stormfs mount options for --requests, repeatable, '-' for the defaults "
         f"(default: {' '.join(REQUEST_OPTIONS)})",
-    )
-    p.add_argument(
-        "--stormfs-options", default="", metavar="OPTS", help="-o options of the stormfs target"
     )
     p.add_argument(
         "--only",
@@ -199,7 +203,8 @@ def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
         "raw": tg.Target,
         "passthrough": lambda: tg.Passthrough(python),
         "gocryptfs": tg.Gocryptfs,
-        "stormfs": lambda: tg.Stormfs(args.stormfs, key, args.stormfs_options),
+        "stormfs": lambda: tg.Stormfs(args.stormfs, key),
+        "stormfs-sole": lambda: tg.Stormfs(args.stormfs, key, SOLE_OPTIONS, name="stormfs-sole"),
     }
     return [factories[name]() for name in args.targets]
 
@@ -376,16 +381,20 @@ def summarize(
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
     medians = {t: {m.key: _median(runs, t, m, best) for m in table} for t in names}
     ratios: dict[str, dict[str, float | None]] = {}
-    for other in ("gocryptfs", "passthrough"):
-        if "stormfs" not in names or other not in names:
-            continue
-        ratios[f"stormfs/{other}"] = {}
+    pairs = [
+        (ours, other)
+        for ours in ("stormfs", "stormfs-sole")
+        for other in ("gocryptfs", "passthrough")
+        if ours in names and other in names
+    ]
+    for ours, other in pairs:
+        ratios[f"{ours}/{other}"] = {}
         for m in table:
-            s, o = medians["stormfs"][m.key], medians[other][m.key]
+            s, o = medians[ours][m.key], medians[other][m.key]
             ratio = None
             if s and o:
                 ratio = s / o if m.higher_is_better else o / s
-            ratios[f"stormfs/{other}"][m.key] = ratio
+            ratios[f"{ours}/{other}"][m.key] = ratio
     return medians, ratios
 
 

@@ -178,7 +178,8 @@ class Gocryptfs(FuseTarget):
 class Stormfs(FuseTarget):
     name = "stormfs"
 
-    def __init__(self, program: str, key: str, options: str = "") -> None:
+    def __init__(self, program: str, key: str, options: str = "", name: str = "stormfs") -> None:
+        self.name = name
         self.program = program
         self._key = key
         self._options = ["-o", options] if options else []
