@@ -6,7 +6,10 @@ order rotated per round) and runs every workload on it; the table shows the
 median per target and workload, and how stormfs compares with gocryptfs and with
 the passthrough measured in the same run. Needs root (mounts, drop_caches).
 
-    .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs]
+    .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs,stormfs-v2]
+
+`stormfs-v2` is stormfs mounted with -o format=v2 (chunked files); `stormfs-sole`
+with -o writeback_cache,exclusive (a SOURCE it has to itself).
 
 `--requests` adds, on stormfs mounts with each set of options of `--requests-with`,
 the kernel requests per file (by kind, from the daemon's own counters) that
@@ -35,10 +38,19 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-sole")
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-v2", "stormfs-sole")
 # stormfs-sole: a mount that has SOURCE to itself (README: writeback_cache, exclusive).
 SOLE_OPTIONS = "writeback_cache,exclusive"
 DEFAULT_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
+# The ratios the table shows: (target, baseline).
+RATIOS = (
+    ("stormfs", "gocryptfs"),
+    ("stormfs", "passthrough"),
+    ("stormfs-v2", "gocryptfs"),
+    ("stormfs-v2", "stormfs"),
+    ("stormfs-sole", "gocryptfs"),
+    ("stormfs-sole", "passthrough"),
+)
 FULL = {
     "rounds": 3,
     "seq_size": "512M",
@@ -47,6 +59,8 @@ FULL = {
     "files": 2500,
     "repo_files": 3000,
     "overwrites": 200,
+    "synced_size": "128M",
+    "synced_ops": 20,
     "migrate_size": "1G",
 }
 QUICK = {
@@ -57,6 +71,8 @@ QUICK = {
     "files": 500,
     "repo_files": 600,
     "overwrites": 50,
+    "synced_size": "16M",
+    "synced_ops": 5,
     "migrate_size": "64M",
 }
 
@@ -70,7 +86,7 @@ REQUEST_OPTIONS = ("-", "writeback_cache", "exclusive", "writeback_cache,exclusi
 class Metric:
     key: str
     label: str
-    unit: str  # "MB/s" is higher-is-better; "s" and "MiB" are lower-is-better
+    unit: str  # "MB/s" is higher-is-better; "s", "ms" and "MiB" are lower-is-better
 
     @property
     def higher_is_better(self) -> bool:
@@ -88,7 +104,7 @@ def human(n: int) -> str:
 
 
 def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
-    seq = human(args.seq_size)
+    seq, big = human(args.seq_size), human(args.synced_size)
     return [
         Metric("seq_write", f"sequential write {seq} (1 MiB writes + fsync)", "MB/s"),
         Metric("seq_read_cold", f"sequential read {seq}, cold", "MB/s"),
@@ -103,6 +119,11 @@ def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
         Metric("cp_r", f"cp -r of the stdlib tree ({nfiles} files)", "s"),
         Metric("git_clone", f"git clone of a local repository of {args.repo_files} files", "s"),
         Metric("overwrite", f"{args.overwrites}x open/write 4 KiB/close in a 1 MiB file", "s"),
+        Metric("pwrite_fsync_small", "pwrite 4 KiB + fsync, 1 MiB file (per op)", "ms"),
+        Metric("pwrite_fsync_big", f"pwrite 4 KiB + fsync, {big} file (per op)", "ms"),
+        Metric("append_fsync_small", "append 4 KiB + fsync, 1 MiB file (per op)", "ms"),
+        Metric("append_fsync_big", f"append 4 KiB + fsync, {big} file (per op)", "ms"),
+        Metric("sqlite_update", f"SQLite UPDATE transaction, {big} db, synchronous=FULL", "ms"),
         Metric("peak_rss", f"peak daemon RSS, {human(args.big_size)} write then cold read", "MiB"),
     ]
 
@@ -130,6 +151,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repo-files", type=int, metavar="N", help="files in the git repository (3000, quick 600)"
     )
     p.add_argument("--overwrites", type=int, metavar="N", help="overwrites (200, quick 50)")
+    p.add_argument(
+        "--synced-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="file and database of the synced-write rows (128M, quick 16M)",
+    )
+    p.add_argument(
+        "--synced-ops", type=int, metavar="N", help="operations per synced-write row (20, quick 5)"
+    )
     p.add_argument("--migrate", action="store_true", help="also time stormfs encrypt vs cp -a")
     p.add_argument(
         "--requests",
@@ -190,7 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--targets: name at least one target")
     if unknown := set(args.targets) - set(ALL_TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    for name in ("seq_size", "big_size"):
+    for name in ("seq_size", "big_size", "synced_size"):
         if getattr(args, name) < wl.MiB or getattr(args, name) % wl.MiB:
             p.error(f"--{name.replace('_', '-')} must be a positive multiple of 1 MiB")
     return args
@@ -204,7 +234,12 @@ def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
         "passthrough": lambda: tg.Passthrough(python),
         "gocryptfs": tg.Gocryptfs,
         "stormfs": lambda: tg.Stormfs(args.stormfs, key),
-        "stormfs-sole": lambda: tg.Stormfs(args.stormfs, key, SOLE_OPTIONS, name="stormfs-sole"),
+        "stormfs-v2": lambda: tg.Stormfs(
+            args.stormfs, key, name="stormfs-v2", options=("-o", "format=v2")
+        ),
+        "stormfs-sole": lambda: tg.Stormfs(
+            args.stormfs, key, name="stormfs-sole", options=("-o", SOLE_OPTIONS)
+        ),
     }
     return [factories[name]() for name in args.targets]
 
@@ -248,6 +283,19 @@ class Bench:
             (("cp_r",), lambda: {"cp_r": self.copy(p)}),
             (("git_clone",), lambda: {"git_clone": self.clone(p)}),
             (("overwrite",), lambda: wl.overwrite(p, a.overwrites)),
+            (
+                (
+                    "pwrite_fsync_small",
+                    "pwrite_fsync_big",
+                    "append_fsync_small",
+                    "append_fsync_big",
+                ),
+                lambda: wl.synced_writes(p, a.synced_size, a.synced_ops),
+            ),
+            (
+                ("sqlite_update",),
+                lambda: wl.sqlite_updates(p, self.scratch, a.synced_size, a.synced_ops),
+            ),
         ]
         if m.pid is not None:
             pid = m.pid
@@ -289,7 +337,8 @@ class Bench:
         record: dict[str, Any] = {"options": label, "status": "ok", "workloads": {}}
         clean(workdir)
         try:
-            with tg.Stormfs(self.args.stormfs, self.key, opts).mounted(workdir, log) as m:
+            target = tg.Stormfs(self.args.stormfs, self.key, options=("-o", opts) if opts else ())
+            with target.mounted(workdir, log) as m:
                 for name, work, files in self.request_workloads(m.path):
                     print(f"  requests ({label}): {name}", flush=True)
                     first, base = tg.requests(m.path), tg.requests(m.path)
@@ -381,20 +430,16 @@ def summarize(
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
     medians = {t: {m.key: _median(runs, t, m, best) for m in table} for t in names}
     ratios: dict[str, dict[str, float | None]] = {}
-    pairs = [
-        (ours, other)
-        for ours in ("stormfs", "stormfs-sole")
-        for other in ("gocryptfs", "passthrough")
-        if ours in names and other in names
-    ]
-    for ours, other in pairs:
-        ratios[f"{ours}/{other}"] = {}
+    for target, other in RATIOS:
+        if target not in names or other not in names:
+            continue
+        ratios[f"{target}/{other}"] = {}
         for m in table:
-            s, o = medians[ours][m.key], medians[other][m.key]
+            s, o = medians[target][m.key], medians[other][m.key]
             ratio = None
             if s and o:
                 ratio = s / o if m.higher_is_better else o / s
-            ratios[f"{ours}/{other}"][m.key] = ratio
+            ratios[f"{target}/{other}"][m.key] = ratio
     return medians, ratios
 
 
@@ -430,7 +475,7 @@ def render(
         "better; s and MiB, lower is better. `-`: not applicable (no daemon)."
     )
     if ratios:
-        legend += " Ratios > 1 mean stormfs is better (stormfs/other for MB/s, other/stormfs else)."
+        legend += " Ratios > 1 mean the first is better (first/second for MB/s, second/first else)."
     lines.append(legend)
     notes = {f"{r['target']}: n/a ({r['reason']})" for r in runs if r["status"] == "n/a"}
     for r in runs:

@@ -225,10 +225,14 @@ def workload(
             f.flush()
 
 
-def test_no_plaintext_in_source_during_and_after_writes(mount_factory: MountFactory, tmp_path):
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_no_plaintext_in_source_during_and_after_writes(
+    mount_factory: MountFactory, tmp_path, fmt: str
+):
+    """v2 too: its chunk records, in-place chunk writes and streamed chunks."""
     markers = make_markers()
     pats = needles(markers)
-    m = mount_factory()
+    m = mount_factory(args=("-o", f"format={fmt}"))
     (m.source / "legacy.log").write_bytes(b"a legacy plaintext log line\n" * 100)
     scanner = Scanner(m.source, m.pid, pats)
     bg = Background(scanner)

@@ -71,14 +71,18 @@ def seeds(n: int) -> dict[str, int]:
 
 @MOUNT_VARIANTS
 @pytest.mark.timeout(300)
-def test_fsx_short(mounted: Mount):
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_fsx_short(mount_factory: MountFactory, mount_args: tuple[str, ...], fmt: str):
+    mounted = mount_factory(args=(*mount_args, "-o", f"format={fmt}"))
     run_fsx(mounted, seeds(3), ops=300, max_size=512 << 10)
 
 
 @MOUNT_VARIANTS
 @pytest.mark.stress
 @pytest.mark.timeout(3600)
-def test_fsx_long(mounted: Mount):
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_fsx_long(mount_factory: MountFactory, mount_args: tuple[str, ...], fmt: str):
+    mounted = mount_factory(args=(*mount_args, "-o", f"format={fmt}"))
     ops = int(os.environ.get("STORMFS_FSX_OPS", "5000"))
     run_fsx(mounted, seeds(4), ops=ops, max_size=4 << 20)
 
