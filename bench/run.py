@@ -8,7 +8,12 @@ the passthrough measured in the same run. Needs root (mounts, drop_caches).
 
     .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs,stormfs-v2]
 
-`stormfs-v2` is stormfs mounted with -o format=v2 (chunked files).
+`stormfs-v2` is stormfs mounted with -o format=v2 (chunked files); `stormfs-sole`
+with -o writeback_cache,exclusive (a SOURCE it has to itself).
+
+`--requests` adds, on stormfs mounts with each set of options of `--requests-with`,
+the kernel requests per file (by kind, from the daemon's own counters) that
+`tar -x`, `cp -r`, `git clone` and `rsync -a` cost.
 """
 
 from __future__ import annotations
@@ -33,13 +38,18 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-v2")
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-v2", "stormfs-sole")
+# stormfs-sole: a mount that has SOURCE to itself (README: writeback_cache, exclusive).
+SOLE_OPTIONS = "writeback_cache,exclusive"
+DEFAULT_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
 # The ratios the table shows: (target, baseline).
 RATIOS = (
     ("stormfs", "gocryptfs"),
     ("stormfs", "passthrough"),
     ("stormfs-v2", "gocryptfs"),
     ("stormfs-v2", "stormfs"),
+    ("stormfs-sole", "gocryptfs"),
+    ("stormfs-sole", "passthrough"),
 )
 FULL = {
     "rounds": 3,
@@ -47,6 +57,7 @@ FULL = {
     "big_size": "4G",
     "random_reads": 2000,
     "files": 2500,
+    "repo_files": 3000,
     "overwrites": 200,
     "synced_size": "128M",
     "synced_ops": 20,
@@ -58,6 +69,7 @@ QUICK = {
     "big_size": "256M",
     "random_reads": 500,
     "files": 500,
+    "repo_files": 600,
     "overwrites": 50,
     "synced_size": "16M",
     "synced_ops": 5,
@@ -66,6 +78,8 @@ QUICK = {
 
 
 Step = tuple[tuple[str, ...], Callable[[], dict[str, float]]]
+# The mount options --requests compares when --requests-with names none: "-" is the defaults.
+REQUEST_OPTIONS = ("-", "writeback_cache", "exclusive", "writeback_cache,exclusive")
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
         Metric("stat_walk_warm", "ls -lR of the tree, warm", "s"),
         Metric("read_all", "read every file back + sha256, cold", "s"),
         Metric("rm_rf", "rm -rf of the tree", "s"),
+        Metric("cp_r", f"cp -r of the stdlib tree ({nfiles} files)", "s"),
+        Metric("git_clone", f"git clone of a local repository of {args.repo_files} files", "s"),
         Metric("overwrite", f"{args.overwrites}x open/write 4 KiB/close in a 1 MiB file", "s"),
         Metric("pwrite_fsync_small", "pwrite 4 KiB + fsync, 1 MiB file (per op)", "ms"),
         Metric("pwrite_fsync_big", f"pwrite 4 KiB + fsync, {big} file (per op)", "ms"),
@@ -116,15 +132,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset")
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated, of {', '.join(ALL_TARGETS)} (default: %(default)s)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes and one round: a smoke run")
-    p.add_argument("--rounds", type=int, metavar="N", help="rounds (3, quick 1)")
+    p.add_argument(
+        "--rounds", type=int, metavar="N", help="rounds (3, quick 1; 0: only --migrate, --requests)"
+    )
     p.add_argument(
         "--seq-size", type=parse_size, metavar="SIZE", help="sequential file (512M, quick 64M)"
     )
     p.add_argument("--big-size", type=parse_size, metavar="SIZE", help="RSS file (4G, quick 256M)")
     p.add_argument("--random-reads", type=int, metavar="N", help="random reads (2000, quick 500)")
     p.add_argument("--files", type=int, metavar="N", help="files in the tar (2500, quick 500)")
+    p.add_argument(
+        "--repo-files", type=int, metavar="N", help="files in the git repository (3000, quick 600)"
+    )
     p.add_argument("--overwrites", type=int, metavar="N", help="overwrites (200, quick 50)")
     p.add_argument(
         "--synced-size",
@@ -136,6 +161,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--synced-ops", type=int, metavar="N", help="operations per synced-write row (20, quick 5)"
     )
     p.add_argument("--migrate", action="store_true", help="also time stormfs encrypt vs cp -a")
+    p.add_argument(
+        "--requests",
+        action="store_true",
+        help="also count the requests per file of tar -x, cp -r, git clone, rsync -a on stormfs",
+    )
+    p.add_argument(
+        "--requests-with",
+        action="append",
+        metavar="OPTS",
+        help="stormfs mount options for --requests, repeatable, '-' for the defaults "
+        f"(default: {' '.join(REQUEST_OPTIONS)})",
+    )
+    p.add_argument(
+        "--only",
+        metavar="KEYS",
+        help="run only the workloads giving these metrics (comma-separated keys of the JSON, "
+        "e.g. tar_extract,cp_r,git_clone)",
+    )
+    p.add_argument(
+        "--best",
+        action="store_true",
+        help="report the best round instead of the median (for a machine others share)",
+    )
     p.add_argument(
         "--migrate-size", type=parse_size, metavar="SIZE", help="legacy tree (1G, quick 64M)"
     )
@@ -163,6 +211,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, parse_size(value) if isinstance(value, str) else value)
+    if args.rounds < 0:
+        p.error("--rounds: 0 or more")
+    args.requests_with = args.requests_with or list(REQUEST_OPTIONS)
+    args.only = set(filter(None, (args.only or "").split(",")))
     args.targets = [t for t in args.targets.split(",") if t]
     if not args.targets:
         p.error("--targets: name at least one target")
@@ -185,6 +237,9 @@ def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
         "stormfs-v2": lambda: tg.Stormfs(
             args.stormfs, key, name="stormfs-v2", options=("-o", "format=v2")
         ),
+        "stormfs-sole": lambda: tg.Stormfs(
+            args.stormfs, key, name="stormfs-sole", options=("-o", SOLE_OPTIONS)
+        ),
     }
     return [factories[name]() for name in args.targets]
 
@@ -205,6 +260,9 @@ class Bench:
         self.scratch: Path = args.scratch.resolve()
         self.logs = self.scratch / "logs"
         self.tree = wl.StdlibTree.build(self.scratch / "stdlib.tar", args.files)
+        self.lib = wl.extract(self.tree, self.scratch / "stdlib")
+        self.repo = self.scratch / "repo"
+        self.repo_manifest = wl.git_repo(self.lib, self.repo, args.repo_files)
         self.seq = wl.data(0, args.seq_size)
         self.buffer = bytearray(b"\xff") * len(self.seq)  # touched now: no read pays for faults
 
@@ -222,6 +280,8 @@ class Bench:
                 ("tar_extract", "stat_walk_cold", "stat_walk_warm", "read_all", "rm_rf"),
                 lambda: wl.small_files(p, self.tree),
             ),
+            (("cp_r",), lambda: {"cp_r": self.copy(p)}),
+            (("git_clone",), lambda: {"git_clone": self.clone(p)}),
             (("overwrite",), lambda: wl.overwrite(p, a.overwrites)),
             (
                 (
@@ -240,7 +300,72 @@ class Bench:
         if m.pid is not None:
             pid = m.pid
             steps.append((("rss_write", "peak_rss"), lambda: wl.big_file_rss(p, pid, a.big_size)))
-        return steps
+        return [s for s in steps if not a.only or a.only & set(s[0])]
+
+    def copy(self, mnt: Path, mark: Callable[[], None] = lambda: None) -> float:
+        return wl.tree_op(mnt, ("cp", "-r", self.lib, mnt), self.tree.manifest, mark)
+
+    def clone(self, mnt: Path, mark: Callable[[], None] = lambda: None) -> float:
+        argv = ("git", "clone", "-q", self.repo, mnt / self.repo.name)
+        return wl.tree_op(mnt, argv, self.repo_manifest, mark)
+
+    def request_workloads(self, mnt: Path) -> list[tuple[str, Callable[..., float], int]]:
+        """(name, workload taking a mark, files it makes) for --requests."""
+        tar = ("tar", "-xf", self.tree.tar, "-C", mnt)
+        rsync = ("rsync", "-a", self.lib, mnt)
+        return [
+            (
+                "tar -x",
+                lambda mark: wl.tree_op(mnt, tar, self.tree.manifest, mark),
+                len(self.tree.manifest),
+            ),
+            ("cp -r", lambda mark: self.copy(mnt, mark), len(self.tree.manifest)),
+            ("git clone", lambda mark: self.clone(mnt, mark), len(self.repo_manifest)),
+            (
+                "rsync -a",
+                lambda mark: wl.tree_op(mnt, rsync, self.tree.manifest, mark),
+                len(self.tree.manifest),
+            ),
+        ]
+
+    def run_requests(self, options: str, n: int) -> dict[str, Any]:
+        """Requests per file by kind of each request workload, on a fresh stormfs mount."""
+        opts = "" if options == "-" else options
+        label = opts or "defaults"
+        workdir = self.scratch / f"requests{n}"
+        log = self.logs / f"requests{n}.log"
+        record: dict[str, Any] = {"options": label, "status": "ok", "workloads": {}}
+        clean(workdir)
+        try:
+            target = tg.Stormfs(self.args.stormfs, self.key, options=("-o", opts) if opts else ())
+            with target.mounted(workdir, log) as m:
+                for name, work, files in self.request_workloads(m.path):
+                    print(f"  requests ({label}): {name}", flush=True)
+                    first, base = tg.requests(m.path), tg.requests(m.path)
+                    after: dict[str, dict[str, float]] = {}
+                    seconds = work(lambda got=after: got.update(tg.requests(m.path)))
+                    # minus what reading the counters costs (a status read between first and base)
+                    counts = {
+                        kind: after[kind]["count"]
+                        - 2 * base.get(kind, {}).get("count", 0)
+                        + first.get(kind, {}).get("count", 0)
+                        for kind in after
+                    }
+                    spent = {
+                        k: after[k]["seconds"] - base.get(k, {}).get("seconds", 0) for k in after
+                    }
+                    record["workloads"][name] = {
+                        "files": files,
+                        "seconds": seconds,
+                        "handler_seconds": sum(spent.values()),
+                        "requests": {k: v for k, v in counts.items() if v > 0},
+                        "handler_seconds_by_kind": {k: spent[k] for k, v in counts.items() if v},
+                    }
+        except (tg.Unavailable, wl.CheckFailed) as e:
+            record.update(status="FAIL", reason=str(e))
+        finally:
+            clean(workdir)
+        return record
 
     def run_target(self, target: tg.Target, rnd: int) -> dict[str, Any]:
         workdir = self.scratch / f"r{rnd}-{target.name}"
@@ -290,15 +415,20 @@ class Bench:
             clean(workdir)
 
 
-def _median(runs: list[dict[str, Any]], target: str, key: str) -> float | None:
-    values = [r["metrics"][key] for r in runs if r["target"] == target and key in r["metrics"]]
-    return statistics.median(values) if values else None
+def _median(runs: list[dict[str, Any]], target: str, m: Metric, best: bool = False) -> float | None:
+    """The median of the rounds, or with `best` the best of them."""
+    values = [r["metrics"][m.key] for r in runs if r["target"] == target and m.key in r["metrics"]]
+    if not values:
+        return None
+    if best:
+        return max(values) if m.higher_is_better else min(values)
+    return statistics.median(values)
 
 
 def summarize(
-    runs: list[dict[str, Any]], names: list[str], table: list[Metric]
+    runs: list[dict[str, Any]], names: list[str], table: list[Metric], best: bool = False
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
-    medians = {t: {m.key: _median(runs, t, m.key) for m in table} for t in names}
+    medians = {t: {m.key: _median(runs, t, m, best) for m in table} for t in names}
     ratios: dict[str, dict[str, float | None]] = {}
     for target, other in RATIOS:
         if target not in names or other not in names:
@@ -331,6 +461,7 @@ def render(
     medians: dict[str, dict[str, float | None]],
     ratios: dict[str, dict[str, float | None]],
     rounds: int,
+    best: bool = False,
 ) -> str:
     head = ["workload", "unit", *names, *ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -340,8 +471,8 @@ def render(
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     legend = (
-        f"Median of {rounds} round(s). MB/s = 10^6 bytes/s, higher is better; s and MiB, "
-        "lower is better. `-`: not applicable (no daemon)."
+        f"{'Best' if best else 'Median'} of {rounds} round(s). MB/s = 10^6 bytes/s, higher is "
+        "better; s and MiB, lower is better. `-`: not applicable (no daemon)."
     )
     if ratios:
         legend += " Ratios > 1 mean the first is better (first/second for MB/s, second/first else)."
@@ -373,6 +504,38 @@ def render_migrate(results: list[dict[str, Any]], size: int) -> str:
     )
 
 
+def render_requests(record: dict[str, Any]) -> str:
+    """One table: request kinds down, workloads across, requests per file in the cells."""
+    title = f"requests per file, stormfs with {record['options']}"
+    if record["status"] != "ok":
+        return f"{title}: FAIL ({record['reason']})"
+    works = record["workloads"]
+    names = list(works)
+    totals: dict[str, float] = {}
+    for w in works.values():
+        for kind, n in w["requests"].items():
+            totals[kind] = totals.get(kind, 0) + n / w["files"]
+    kinds = sorted(totals, key=lambda k: -totals[k])
+    head = [title, *(f"{n} ({works[n]['files']} files)" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def per_file(w: dict[str, Any], kind: str | None) -> str:
+        n = sum(w["requests"].values()) if kind is None else w["requests"].get(kind, 0)
+        return f"{n / w['files']:.2f}" if n else "-"
+
+    lines.append(
+        "| **all** | " + " | ".join(f"**{per_file(works[n], None)}**" for n in names) + " |"
+    )
+    lines += ["| " + " | ".join([k, *(per_file(works[n], k) for n in names)]) + " |" for k in kinds]
+    lines.append("| time (s) | " + " | ".join(f"{works[n]['seconds']:.3g}" for n in names) + " |")
+    lines.append(
+        "| in handlers (s) | "
+        + " | ".join(f"{works[n]['handler_seconds']:.3g}" for n in names)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
 def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     def version(*cmd: str) -> str | None:
         try:
@@ -398,7 +561,11 @@ def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "stormfs": version(args.stormfs, "--version"),
         "scratch": str(bench.scratch),
         "tar_files": len(bench.tree.manifest),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "repo_files": len(bench.repo_manifest),
+        "args": {
+            k: str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v
+            for k, v in vars(args).items()
+        },
     }
 
 
@@ -427,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     order = make_targets(args, key)
     runs: list[dict[str, Any]] = []
     migrate: list[dict[str, Any]] = []
+    requests: list[dict[str, Any]] = []
     status = 0
     try:
         for rnd in range(args.rounds):
@@ -435,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(bench.run_target(target, rnd))
             if args.migrate:
                 migrate.append(bench.run_migrate(rnd))
+        if args.requests:
+            for n, options in enumerate(args.requests_with):
+                requests.append(bench.run_requests(options, n))
     except KeyboardInterrupt:
         print("bench: interrupted; reporting what was measured", file=sys.stderr)
         status = 130
@@ -442,10 +613,19 @@ def main(argv: list[str] | None = None) -> int:
         for point in tg.mounts_under(args.scratch):
             tg.unmount(point)
     table = metrics(args, len(bench.tree.manifest))
-    medians, ratios = summarize(runs, names, table)
-    text = render(runs, names, table, medians, ratios, args.rounds)
+    if args.only:
+        table = [
+            m for m in table if any(m.key in r["metrics"] or m.key in r["errors"] for r in runs)
+        ]
+    medians, ratios = summarize(runs, names, table, args.best)
+    text = (
+        render(runs, names, table, medians, ratios, args.rounds, args.best) if args.rounds else ""
+    )
     if args.migrate:
         text += "\n\n" + render_migrate(migrate, args.migrate_size)
+    for record in requests:
+        text += "\n\n" + render_requests(record)
+    text = text.strip()
     report = {
         "meta": {
             **meta(args, bench),
@@ -457,12 +637,15 @@ def main(argv: list[str] | None = None) -> int:
         "median": medians,
         "ratios": ratios,
         "migrate": migrate,
+        "requests": requests,
         "table": text,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{text}\n\nraw numbers: {args.output}")
-    failed = any(r["errors"] for r in runs) or any(r["status"] == "FAIL" for r in migrate)
+    failed = any(r["errors"] for r in runs) or any(
+        r["status"] == "FAIL" for r in migrate + requests
+    )
     return status or (1 if failed else 0)
 
 

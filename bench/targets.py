@@ -3,6 +3,7 @@ and always take it down again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -192,3 +193,11 @@ class Stormfs(FuseTarget):
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "STORMCLOUD_ENCRYPTION_KEY": self._key}
+
+
+def requests(mnt: Path) -> dict[str, dict[str, float]]:
+    """The requests a stormfs daemon has answered, by kind (`stormfs status`)."""
+    report: dict[str, dict[str, dict[str, float]]] = json.loads(
+        os.getxattr(mnt, "user.stormfs.status")
+    )
+    return report["requests"]

@@ -131,6 +131,58 @@ class StdlibTree:
         return tree
 
 
+def extract(tree: StdlibTree, into: Path) -> Path:
+    """The tree unpacked into a local directory (`into`/Lib), the source of `cp -r` and
+    `rsync -a`; made once per run."""
+    if into.exists():
+        shutil.rmtree(into)
+    into.mkdir(parents=True)
+    _run("tar", "-xf", tree.tar, "-C", into)
+    return into / "Lib"
+
+
+def git_repo(tree: Path, path: Path, nfiles: int) -> dict[str, str]:
+    """A local git repository of `nfiles` files (the tree's, then its first files again
+    under ``more/`` until there are enough), one commit; what a checkout must hold."""
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    manifest = {}
+    for i in range(nfiles):
+        src = files[i % len(files)]
+        rel = Path(*(["more"] * (i // len(files))), src.relative_to(tree))
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path / rel)
+        manifest[f"{path.name}/{rel}"] = hashlib.sha256(src.read_bytes()).hexdigest()
+    git = ("git", "-C", path, "-c", "user.name=bench", "-c", "user.email=bench@localhost")
+    _run(*git, "init", "-q")
+    _run(*git, "add", "-A")
+    _run(*git, "commit", "-q", "-m", "tree")
+    return manifest
+
+
+def tree_op(
+    mnt: Path, argv: tuple[str | Path, ...], manifest: dict[str, str], mark: Callable[[], None]
+) -> float:
+    """Run `argv` (which makes the files of `manifest` under `mnt`), timed; then `mark()`,
+    check every file by hash, and remove what it made (neither timed)."""
+    seconds = _timed(lambda: _run(*argv))
+    mark()
+    wrong = [k for k, v in manifest.items() if _sha256(mnt / k) != v]
+    _check(not wrong, f"{argv[0]}: {len(wrong)} files differ or missing, e.g. {wrong[:1]}")
+    for top in sorted({k.split("/", 1)[0] for k in manifest}):
+        _run("rm", "-rf", mnt / top)
+    return seconds
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise CheckFailed(what)

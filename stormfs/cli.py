@@ -220,6 +220,10 @@ def _status(args: argparse.Namespace) -> int:
         f"  transferred:   {human_bytes(s['bytes_read'])} read, "
         f"{human_bytes(s['bytes_written'])} written"
     )
+    requests = sorted(s["requests"].items(), key=lambda kv: -kv[1]["count"])
+    total = sum(r["count"] for _, r in requests)
+    kinds = ", ".join(f"{kind} {r['count']}" for kind, r in requests)
+    print(f"  requests:      {total}{': ' + kinds if kinds else ''}")
     print(f"  DECRYPTION_FAILED: {s['decryption_failed']}")
     for path in s["decryption_failed_recent"]:
         print(f"    {path}")
@@ -614,7 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
         "readahead_kb=KIB (kernel readahead for the mount, default 1024), "
         "metadata_threads (run metadata syscalls in threads: for SOURCE on NFS/CephFS), "
         "metrics_file=PATH (the counters of stormfs status in Prometheus' text format, "
-        "rewritten every 15 s). "
+        "rewritten every 15 s), "
+        "writeback_cache (the kernel merges small writes and keeps sizes and mtimes itself: "
+        "only where nothing else writes SOURCE; refused beside another daemon), "
+        "exclusive (a promise that nothing but this daemon changes SOURCE: entry and "
+        "attribute timeouts of 300 s unless given, missing names remembered as long, the page "
+        "cache kept across opens; "
+        "refused beside another daemon). "
         "Generic fstab options (nofail, _netdev, x-systemd.*, ...) are ignored. "
         "Unmount with: fusermount3 -u MOUNTPOINT (or stop the daemon with SIGTERM).",
     )

@@ -17,6 +17,7 @@ import trio
 
 from . import notify
 from .fs import Operations
+from .instances import SOLE, live_instances
 from .keys import Keyring
 from .source import open_dir, write_atomically
 from .stats import METRICS_INTERVAL, Stats, prometheus
@@ -54,6 +55,10 @@ V2_WARNING = (
     "cannot read (stormfs encrypt --format v1 converts them back)"
 )
 
+# Entry and attribute timeouts under -o exclusive (unless given): nothing but this
+# daemon changes SOURCE, so what the kernel caches stays true until the daemon changes it.
+EXCLUSIVE_TIMEOUT = 300.0
+
 
 class MountError(Exception):
     """The mount cannot be set up; the message says why and what to do."""
@@ -80,6 +85,15 @@ class MountOptions:
     publish_delay: float = 0.0
     # Seal a file under SOURCE/ACCOUNT/ with ACCOUNT's user key (Storm Cloud's server-user).
     per_user_keys: bool = False
+    # The kernel's writeback cache: it merges writes and keeps sizes and mtimes itself.
+    writeback_cache: bool = False
+    # The operator's promise that nothing but this daemon changes SOURCE.
+    exclusive: bool = False
+
+    @property
+    def sole(self) -> list[str]:
+        """The options given that need this daemon to be the only one on SOURCE."""
+        return [n for n in ("writeback_cache", "exclusive") if getattr(self, n)]
 
     def describe(self) -> list[str]:
         """The options in effect, as `-o` would give them (the key file's path included,
@@ -93,6 +107,7 @@ class MountOptions:
             out.append("metadata_threads")
         if self.per_user_keys:
             out.append("per_user_keys")
+        out += self.sole
         if self.key_file:
             out.append(f"key_file={self.key_file}")
         if self.keyring:
@@ -105,15 +120,23 @@ class MountOptions:
     def parse(cls, specs: list[str]) -> MountOptions:
         """`-o a,b=c` strings; unknown options are refused, generic mount options ignored."""
         opts = cls()
+        timeouts: set[str] = set()
         for spec in specs:
             for item in filter(None, (s.strip() for s in spec.split(","))):
                 name, _, value = item.partition("=")
                 if name in FUSE_OPTIONS and not value:
                     opts.fuse.add(name)
-                elif name == "metadata_threads" and not value:
-                    opts.metadata_threads = True
-                elif name == "per_user_keys" and not value:
-                    opts.per_user_keys = True
+                elif (
+                    name
+                    in (
+                        "metadata_threads",
+                        "writeback_cache",
+                        "exclusive",
+                        "per_user_keys",
+                    )
+                    and not value
+                ):
+                    setattr(opts, name, True)
                 elif name == "key_file" and value:
                     opts.key_file = value
                 elif name == "keyring" and value:
@@ -132,6 +155,7 @@ class MountOptions:
                     if seconds < 0:
                         raise MountError(f"option {name} cannot be negative")
                     setattr(opts, name, seconds)
+                    timeouts.add(name)
                 elif name == "readahead_kb" and value:
                     if not value.isdigit():
                         raise MountError("option readahead_kb needs a whole number of KiB")
@@ -142,6 +166,9 @@ class MountOptions:
                     continue
                 else:
                     raise MountError(f"unknown mount option: {item}")
+        if opts.exclusive:
+            for name in {"entry_timeout", "attr_timeout"} - timeouts:
+                setattr(opts, name, EXCLUSIVE_TIMEOUT)
         return opts
 
 
@@ -191,6 +218,7 @@ def serve(
     if opts.write_format == 2:
         log.warning(V2_WARNING)
     try:
+        _claim(store, opts)
         stats = Stats(
             source=source,
             mountpoint=mountpoint,
@@ -207,6 +235,10 @@ def serve(
             metadata_threads=opts.metadata_threads,
             stats=stats,
         )
+        ops.enable_writeback_cache = opts.writeback_cache
+        ops.keep_cache = opts.exclusive
+        if opts.exclusive:
+            ops.negative_timeout = opts.entry_timeout
         fuse_opts = {
             *opts.fuse,
             "default_permissions",
@@ -231,6 +263,28 @@ def serve(
     if refused:
         raise MountError(refused[0])
     log.info("unmounted %s", mountpoint)
+
+
+def _claim(store: Store, opts: MountOptions) -> None:
+    """Refuse to serve beside another daemon on SOURCE when either needs to be the only one.
+
+    A daemon that must be alone marks its instance directory before it looks for others,
+    so of two starting at once, at least one sees the other."""
+    if opts.sole:
+        write_atomically(store.instance_fd, SOLE, ",".join(opts.sole).encode(), durable=False)
+    others = live_instances(os.path.dirname(store.instance), store.instance)
+    if opts.sole and others:
+        raise MountError(
+            f"-o {','.join(opts.sole)} needs this daemon to be the only one serving SOURCE, "
+            f"but another stormfs daemon is running on it "
+            f"(.stormfs/tmp/{os.fsdecode(next(iter(others)))})"
+        )
+    for other, sole in others.items():
+        if sole is not None:
+            raise MountError(
+                f"another stormfs daemon serves SOURCE with -o {sole}, which needs it to be "
+                f"the only one (.stormfs/tmp/{os.fsdecode(other)})"
+            )
 
 
 async def _main(

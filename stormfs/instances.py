@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from .source import write_atomically
+from .source import lock, open_lock, write_atomically
 from .threads import start_quietly
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ GONE = b".gone"
 # The lease is rewritten this often, and counts as expired this long after.
 LEASE_INTERVAL = 10.0
 LEASE_EXPIRY = 60.0
+# In an instance directory whose daemon must be the only one serving SOURCE
+# (-o exclusive, -o writeback_cache): those options, comma-separated.
+SOLE = b"sole"
 # Names NFS and libfuse give a file unlinked while it is open.
 SILLY_PREFIXES = (b".nfs", b".fuse_hidden")
 
@@ -169,6 +172,43 @@ class Renewal:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def live_instances(tmp_parent: bytes, mine: bytes) -> dict[bytes, str | None]:
+    """Other daemons' instance directories in `tmp_parent` that are or may be in use
+    (a daemon starting, a lock held, or a free lock whose owner is not proven gone),
+    each with what its `SOLE` file says (None: it may share SOURCE)."""
+    live: dict[bytes, str | None] = {}
+    now = time.time()
+    for entry in os.scandir(tmp_parent):
+        name = os.fsencode(entry.name)
+        if entry.path == mine or name.endswith(GONE) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if _in_use(entry.path, name, now):
+            try:
+                with open(os.path.join(entry.path, SOLE), "rb") as f:
+                    live[name] = f.read().decode(errors="replace")
+            except FileNotFoundError:
+                live[name] = None
+    return live
+
+
+def _in_use(path: bytes, name: bytes, now: float) -> bool:
+    try:
+        fd = open_lock(os.path.join(path, LOCK), create=False)
+    except FileNotFoundError:
+        # No lock: no owner, unless a daemon is between its mkdir and its lock.
+        try:
+            return name.endswith(STARTING) and now - os.stat(path).st_mtime < STARTING_GRACE
+        except FileNotFoundError:
+            return False
+    try:
+        lock(fd, wait=False)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return not owner_gone(path, now)
 
 
 def remove_leftover(path: bytes) -> list[bytes]:

@@ -1,6 +1,7 @@
 """What a running daemon has done, for `stormfs status` (DESIGN §5).
 
-The counters are bumped by the operations (`fs`); DECRYPTION_FAILED files and the
+The counters are bumped by the operations (`fs`), requests by kind among them;
+DECRYPTION_FAILED files and the
 last error are taken from the daemon's own log records, so every place that logs
 one counts without a hook of its own.  `report` is what the read-only attribute
 ``user.stormfs.status`` on the mount's root answers, as JSON.  Never a key.
@@ -42,6 +43,13 @@ class Stats:
     )
     last_error: str | None = None
     last_error_at: float | None = None
+    # Kernel requests answered, by kind, and the time spent in their handlers.
+    requests: collections.Counter[str] = field(default_factory=collections.Counter)
+    request_ns: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def request(self, kind: str, ns: int) -> None:
+        self.requests[kind] += 1
+        self.request_ns[kind] += ns
 
     def committed(self, error: BaseException | None = None) -> None:
         if error is None:
@@ -90,6 +98,10 @@ class Stats:
             "decryption_failed_recent": list(self.recent_failed),
             "last_error": self.last_error,
             "last_error_at": None if self.last_error_at is None else round(self.last_error_at, 3),
+            "requests": {
+                kind: {"count": n, "seconds": round(self.request_ns[kind] / 1e9, 6)}
+                for kind, n in sorted(self.requests.items())
+            },
         }
 
 
@@ -114,6 +126,13 @@ METRICS = (
 )  # fmt: skip
 
 
+# Per request kind: (name, help, field of report["requests"][kind]).
+REQUEST_METRICS = (
+    ("stormfs_requests_total", "Kernel requests answered, by kind.", "count"),
+    ("stormfs_request_seconds_total", "Time spent in the handlers, by request kind.", "seconds"),
+)
+
+
 def prometheus(report: dict[str, Any]) -> str:
     """A report in Prometheus' text format (for node_exporter's textfile collector)."""
     labels = f'mountpoint="{_label(report["mountpoint"])}"'
@@ -129,6 +148,12 @@ def prometheus(report: dict[str, Any]) -> str:
     for name, kind, text, key in METRICS:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         lines.append(f"{name}{{{labels}}} {report[key] or 0}")
+    for name, text, field_ in REQUEST_METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [
+            f'{name}{{{labels},kind="{kind}"}} {counts[field_]}'
+            for kind, counts in report["requests"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 

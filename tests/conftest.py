@@ -141,8 +141,15 @@ def mount_factory(tmp_path: Path, key: str) -> Iterator[MountFactory]:
 
 
 @pytest.fixture
-def mounted(mount_factory: MountFactory) -> Mount:
-    return mount_factory()
+def mount_args() -> tuple[str, ...]:
+    """Arguments of the `mounted` mount; a module overrides this fixture, parametrized,
+    to run its tests on mounts with other options too."""
+    return ()
+
+
+@pytest.fixture
+def mounted(mount_factory: MountFactory, mount_args: tuple[str, ...]) -> Mount:
+    return mount_factory(args=mount_args)
 
 
 @pytest.fixture

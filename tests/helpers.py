@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stormfs import format_v2 as v2
@@ -26,6 +27,15 @@ from stormfs import keys
 
 MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
+
+# For tests on the `mounted` fixture: each runs on a mount with the defaults, on one
+# with the kernel's writeback cache, and on one that also has SOURCE to itself
+# (conftest's `mount_args`).
+MOUNT_VARIANTS = pytest.mark.parametrize(
+    "mount_args",
+    [(), ("-o", "writeback_cache"), ("-o", "writeback_cache,exclusive")],
+    ids=["default", "writeback_cache", "writeback_cache+exclusive"],
+)
 
 
 def scrubbed_env(key: str | None = None, **extra: str) -> dict[str, str]:

@@ -12,7 +12,9 @@ import threading
 
 import pytest
 
-from .helpers import Mount, wait_for
+from .helpers import MOUNT_VARIANTS, Mount, wait_for
+
+pytestmark = MOUNT_VARIANTS
 
 
 def test_write_at_offsets_append_and_sparse(mounted: Mount):

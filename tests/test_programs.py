@@ -14,7 +14,9 @@ import pytest
 
 from stormfs import format_v2 as v2
 
-from .helpers import Mount, MountFactory
+from .helpers import MOUNT_VARIANTS, Mount, MountFactory
+
+pytestmark = MOUNT_VARIANTS
 
 
 def run(*cmd: str | os.PathLike, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -75,8 +77,10 @@ def test_tar_extract_and_compare(mounted: Mount, sample_tree: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
-def test_sqlite_workload_integrity(mount_factory: MountFactory, fmt: str):
-    mounted = mount_factory(args=("-o", f"format={fmt}"))
+def test_sqlite_workload_integrity(
+    mount_factory: MountFactory, mount_args: tuple[str, ...], fmt: str
+):
+    mounted = mount_factory(args=(*mount_args, "-o", f"format={fmt}"))
     db = mounted.mnt / "app.db"
     script = """
     PRAGMA journal_mode=WAL;

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Mount, MountFactory
+from .helpers import MOUNT_VARIANTS, Mount, MountFactory
 
 CPYTHON_MODULES = [
     "test_os",
@@ -69,17 +69,20 @@ def seeds(n: int) -> dict[str, int]:
     return {f"fsx{i}.bin": rng.randrange(1 << 32) for i in range(n)}
 
 
+@MOUNT_VARIANTS
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
-def test_fsx_short(mount_factory: MountFactory, fmt: str):
-    run_fsx(mount_factory(args=("-o", f"format={fmt}")), seeds(3), ops=300, max_size=512 << 10)
+def test_fsx_short(mount_factory: MountFactory, mount_args: tuple[str, ...], fmt: str):
+    mounted = mount_factory(args=(*mount_args, "-o", f"format={fmt}"))
+    run_fsx(mounted, seeds(3), ops=300, max_size=512 << 10)
 
 
+@MOUNT_VARIANTS
 @pytest.mark.stress
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
-def test_fsx_long(mount_factory: MountFactory, fmt: str):
-    mounted = mount_factory(args=("-o", f"format={fmt}"))
+def test_fsx_long(mount_factory: MountFactory, mount_args: tuple[str, ...], fmt: str):
+    mounted = mount_factory(args=(*mount_args, "-o", f"format={fmt}"))
     ops = int(os.environ.get("STORMFS_FSX_OPS", "5000"))
     run_fsx(mounted, seeds(4), ops=ops, max_size=4 << 20)
 

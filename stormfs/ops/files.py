@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class FileOps(OpsBase):
+    # Keep the kernel's page cache at every open, unchecked (-o exclusive: nothing
+    # else changes SOURCE); otherwise only while the backing file is unchanged.
+    keep_cache = False
+
     @boundary
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -71,7 +75,7 @@ class FileOps(OpsBase):
                 # inode number, once reused by the backing file system, cannot bind to it.
                 self.table.rekey(node, st)
                 ident = Identity.of(st)
-                keep = ident == node.file.cached
+                keep = self.keep_cache or ident == node.file.cached
                 node.file.cached = ident
                 if not keep:
                     # The kernel may still hold the size of another version (within
