@@ -322,7 +322,8 @@ def _rewrite_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_JOBS,
         metavar="N",
-        help=f"files sealed at once (default {DEFAULT_JOBS})",
+        help="files sealed at once, each by a process of its own "
+        f"(default: the number of CPUs, here {DEFAULT_JOBS})",
     )
 
 

@@ -34,7 +34,8 @@ from .plan import Job, Plan, plan
 from .scan import display
 from .source import lock, open_dir, open_lock, state_dir
 
-DEFAULT_JOBS = 4
+# Files sealed at once, each by a process of its own.
+DEFAULT_JOBS = os.cpu_count() or 1
 ATTEMPTS = 3
 RETRY_DELAY = 0.5
 RETRYABLE = ("changed", "busy", "hard_links")

@@ -7,11 +7,13 @@ For one file (one inode):
    refuses the lease while anyone has the file open for writing, and from
    then on makes any open for writing or truncate wait until we let go —
    which we do as soon as we notice, abandoning the attempt;
-2. stream it through `format.Sealer` into ``.stormfs-tmp-enc-*`` in the same
-   directory (hidden from the mount), authenticate that copy with
-   `format.verify_stream`, give it the original's mode, owner, times and other
-   extended attributes plus ``user.stormfs.key_id``; a file with several
-   names gets its envelope linked beside each, under a journal (`journal`);
+2. create ``.stormfs-tmp-enc-*`` in the same directory (hidden from the
+   mount) and hand both descriptors to a worker process (`sealing`), which
+   streams the original through `format.Sealer` into it, authenticates that
+   copy with `format.verify_stream`, and gives it the original's mode, owner,
+   times and other extended attributes plus ``user.stormfs.key_id``; a file
+   with several names gets its envelope linked beside each, under a journal
+   (`journal`);
 3. by batches: one ``syncfs`` makes the batch's copies (and journals)
    durable; each original whose identity (dev, ino, size, mtime, ctime) is
    unchanged is swapped with its copy by `swap.swap_in`, which undoes the
@@ -47,29 +49,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from . import format as fmt
 from . import swap
-from .content import Identity, pread_stream
+from .content import Identity
 from .journal import write_journal
 from .keys import Key, Keyring
 from .plan import TMP_PREFIX, Job
 from .scan import authenticate, describe, header_kind
-from .source import (
-    KEY_ID_XATTR,
-    copy_metadata,
-    open_dir,
-    open_readonly,
-    pwrite_all,
-    recorded_key_id,
-    syncfs,
-)
+from .sealing import NotUnderKey, Workers, seal_file
+from .source import open_dir, open_readonly, recorded_key_id, syncfs
 from .swap import Retry, ino, lease_intact, put_back, take_lease
 from .units import human_bytes
 
-CHUNK = 1 << 20
 # A batch of sealed files is swapped in once it has this many files or bytes,
 # once its oldest file has waited this long, or when nothing else is coming.
 BATCH_FILES = 2048
@@ -79,6 +70,9 @@ BATCH_AGE = 2.0
 FDS_PER_FILE = 2
 # How often files waiting in a batch are checked for a writer waiting on them.
 POLL = 0.5
+# A file up to this size is sealed by the thread that opened it: handing it to a
+# process (a message, a wake-up, a reply) costs more than sealing it (measured).
+SMALL = 64 << 10
 NO_KEY_OPENS = (
     "DECRYPTION_FAILED: no key of the keyring opens it "
     "(wrong key, damaged or truncated, or plaintext starting with 0x01); left as is"
@@ -127,12 +121,8 @@ class Sealed:
         return self.writer_waiting() or Identity.of(os.fstat(self.fd)) != Identity.of(self.st)
 
 
-class _NotUnderKey(Exception):
-    """The original did not authenticate under the key its job named."""
-
-
 class Migrator:
-    """Seals files in worker threads; swaps them in by batches, with one sync per batch.
+    """Seals files in worker processes; swaps them in by batches, with one sync per batch.
 
     Durability comes from ``syncfs`` rather than an fsync per file and per
     directory: one sync makes a whole batch of envelopes (and journals) durable
@@ -160,6 +150,7 @@ class Migrator:
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._reaper: ThreadPoolExecutor
+        self._workers: Workers
 
     def _temp_name(self) -> bytes:
         with self._seq_lock:
@@ -171,9 +162,9 @@ class Migrator:
     def run(self, jobs: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
         """Every job's outcome, as it is known.
 
-        Three stages overlap: workers seal files; a committer thread syncs and
-        swaps in one batch while the next fills; a reaper thread unlinks the
-        originals (freeing, maybe discarding, their blocks).
+        Three stages overlap: `workers` processes seal files; a committer thread
+        syncs and swaps in one batch while the next fills; a reaper thread unlinks
+        the originals (freeing, maybe discarding, their blocks).
         """
         todo = iter(jobs)
         pending: dict[Future[Sealed | Outcome], Job] = {}
@@ -181,14 +172,19 @@ class Migrator:
         batch: list[Sealed] = []
         batch_bytes = 0
         polled = time.monotonic()
+        # A thread per job in flight: it opens and leases the original, waits for a
+        # process to seal it, links the copy; twice as many as processes keeps them busy.
+        threads = 2 * workers
+        self._workers = Workers(workers)
         with (
-            ThreadPoolExecutor(max_workers=workers) as pool,
+            contextlib.closing(self._workers),
+            ThreadPoolExecutor(max_workers=threads) as pool,
             ThreadPoolExecutor(1) as committer,
             ThreadPoolExecutor(1) as reaper,
         ):
             self._reaper = reaper
             while True:
-                while len(pending) < 2 * workers and (job := next(todo, None)) is not None:
+                while len(pending) < 2 * threads and (job := next(todo, None)) is not None:
                     pending[pool.submit(self.prepare, job)] = job
                 for done in [c for c in committing if c.done()]:
                     committing.remove(done)
@@ -226,7 +222,7 @@ class Migrator:
                     committing.append(committer.submit(self._commit_all, batch))
                     batch, batch_bytes = [], 0
 
-    # ---- sealing (worker threads) -----------------------------------------------
+    # ---- sealing (threads, each handing its file to a worker process) -------------
 
     def prepare(self, job: Job) -> Sealed | Outcome:
         counted = [0]
@@ -274,7 +270,7 @@ class Migrator:
                 dirs.append(self._open_dir(rel))
             try:
                 return self._seal_beside(job, fd, st, leased, dirs, counted)
-            except _NotUnderKey:
+            except NotUnderKey:
                 self.advance(-counted[0])
                 counted[0] = 0
                 outcome = self._reclassify(job, fd, st)
@@ -317,17 +313,23 @@ class Migrator:
             0o600,
             dir_fd=dirs[0],
         )
+
+        def advance(n: int) -> None:
+            counted[0] += n
+            self.advance(n)
+
         try:
-            if job.key is None:
-                nonce, tag = self._seal(fd, out, st, leased, counted)
-                self._verify(out, nonce, tag, st.st_size)
-            else:
-                nonce, tag = self._reseal(fd, out, st, leased, counted, job.key)
-                self._verify(out, nonce, tag, st.st_size - fmt.OVERHEAD)
-            copy_metadata(os.path.join(self.root, job.names[0]), st, out)
-            os.setxattr(out, KEY_ID_XATTR, self.key.key_id.encode())
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            t_st = os.fstat(out)
+            seal = seal_file if st.st_size <= SMALL else self._workers.seal
+            t_st = seal(
+                fd,
+                out,
+                st,
+                self.key,
+                old_key=job.key,
+                leased=leased,
+                path=os.path.join(self.root, job.names[0]),
+                advance=advance,
+            )
             for i in range(1, len(job.names)):
                 holds.append(self._temp_name())
                 os.link(holds[0], holds[i], src_dir_fd=dirs[0], dst_dir_fd=dirs[i])
@@ -339,79 +341,6 @@ class Migrator:
         finally:
             os.close(out)
         return Sealed(job, fd, st, leased, dirs, holds, t_st, journal, counted[0])
-
-    def _seal(
-        self, fd: int, out: int, st: os.stat_result, leased: bool, counted: list[int]
-    ) -> tuple[bytes, bytes]:
-        sealer = fmt.Sealer(self.key.material)
-        pwrite_all(out, sealer.header, 0)
-        off = 0
-        while True:
-            data = os.pread(fd, CHUNK, off)
-            if not data:
-                break
-            pwrite_all(out, sealer.update(data), fmt.HEADER_SIZE + off)
-            off += len(data)
-            counted[0] += len(data)
-            self.advance(len(data))
-            if leased and not lease_intact(fd):
-                raise Retry("changed", "opened for writing while being encrypted")
-        if off != st.st_size:
-            raise Retry("changed", "changed while being encrypted")
-        tag = sealer.finalize()
-        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-        return sealer.nonce, tag
-
-    def _reseal(
-        self,
-        fd: int,
-        out: int,
-        st: os.stat_result,
-        leased: bool,
-        counted: list[int],
-        key: Key,
-    ) -> tuple[bytes, bytes]:
-        """Decrypt the envelope `fd` under `key` into a new one under the current key, in
-        one pass; _NotUnderKey unless the original's tag verifies at the end."""
-        head = os.pread(fd, fmt.HEADER_SIZE, 0)
-        if len(head) != fmt.HEADER_SIZE or head[:1] != fmt.VERSION_BYTE:
-            raise Retry("changed", "changed while being re-encrypted")
-        opener = Cipher(algorithms.AES(key.material), modes.GCM(head[1:])).decryptor()
-        sealer = fmt.Sealer(self.key.material)
-        pwrite_all(out, sealer.header, 0)
-        plain_size = st.st_size - fmt.OVERHEAD
-        off = 0
-        while off < plain_size:
-            data = os.pread(fd, min(CHUNK, plain_size - off), fmt.HEADER_SIZE + off)
-            if not data:
-                raise Retry("changed", "changed while being re-encrypted")
-            pwrite_all(out, sealer.update(opener.update(data)), fmt.HEADER_SIZE + off)
-            off += len(data)
-            counted[0] += len(data)
-            self.advance(len(data))
-            if leased and not lease_intact(fd):
-                raise Retry("changed", "opened for writing while being re-encrypted")
-        old_tag = os.pread(fd, fmt.TAG_SIZE, fmt.HEADER_SIZE + plain_size)
-        if len(old_tag) != fmt.TAG_SIZE or os.fstat(fd).st_size != st.st_size:
-            raise Retry("changed", "changed while being re-encrypted")
-        try:
-            opener.finalize_with_tag(old_tag)
-        except InvalidTag:
-            raise _NotUnderKey from None
-        counted[0] += fmt.OVERHEAD  # the job's size is the envelope's
-        self.advance(fmt.OVERHEAD)
-        tag = sealer.finalize()
-        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-        return sealer.nonce, tag
-
-    def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int) -> None:
-        """The copy on disk authenticates, with our nonce and tag: it decrypts to what we read."""
-        size = plain_size + fmt.OVERHEAD
-        if os.fstat(out).st_size != size:
-            raise fmt.DecryptionFailed("size")
-        got = fmt.verify_stream(self.key.material, pread_stream(out), size)
-        if got != nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tag:
-            raise fmt.DecryptionFailed("mismatch")
 
     # ---- swapping in (main thread) --------------------------------------------
 
