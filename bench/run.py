@@ -6,7 +6,9 @@ order rotated per round) and runs every workload on it; the table shows the
 median per target and workload, and how stormfs compares with gocryptfs and with
 the passthrough measured in the same run. Needs root (mounts, drop_caches).
 
-    .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs]
+    .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs,stormfs-v2]
+
+`stormfs-v2` is stormfs mounted with -o format=v2 (chunked files).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-v2")
+# The ratios the table shows: (target, baseline).
+RATIOS = (
+    ("stormfs", "gocryptfs"),
+    ("stormfs", "passthrough"),
+    ("stormfs-v2", "gocryptfs"),
+    ("stormfs-v2", "stormfs"),
+)
 FULL = {
     "rounds": 3,
     "seq_size": "512M",
@@ -39,6 +48,8 @@ FULL = {
     "random_reads": 2000,
     "files": 2500,
     "overwrites": 200,
+    "synced_size": "128M",
+    "synced_ops": 20,
     "migrate_size": "1G",
 }
 QUICK = {
@@ -48,6 +59,8 @@ QUICK = {
     "random_reads": 500,
     "files": 500,
     "overwrites": 50,
+    "synced_size": "16M",
+    "synced_ops": 5,
     "migrate_size": "64M",
 }
 
@@ -59,7 +72,7 @@ Step = tuple[tuple[str, ...], Callable[[], dict[str, float]]]
 class Metric:
     key: str
     label: str
-    unit: str  # "MB/s" is higher-is-better; "s" and "MiB" are lower-is-better
+    unit: str  # "MB/s" is higher-is-better; "s", "ms" and "MiB" are lower-is-better
 
     @property
     def higher_is_better(self) -> bool:
@@ -77,7 +90,7 @@ def human(n: int) -> str:
 
 
 def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
-    seq = human(args.seq_size)
+    seq, big = human(args.seq_size), human(args.synced_size)
     return [
         Metric("seq_write", f"sequential write {seq} (1 MiB writes + fsync)", "MB/s"),
         Metric("seq_read_cold", f"sequential read {seq}, cold", "MB/s"),
@@ -90,6 +103,11 @@ def metrics(args: argparse.Namespace, nfiles: int) -> list[Metric]:
         Metric("read_all", "read every file back + sha256, cold", "s"),
         Metric("rm_rf", "rm -rf of the tree", "s"),
         Metric("overwrite", f"{args.overwrites}x open/write 4 KiB/close in a 1 MiB file", "s"),
+        Metric("pwrite_fsync_small", "pwrite 4 KiB + fsync, 1 MiB file (per op)", "ms"),
+        Metric("pwrite_fsync_big", f"pwrite 4 KiB + fsync, {big} file (per op)", "ms"),
+        Metric("append_fsync_small", "append 4 KiB + fsync, 1 MiB file (per op)", "ms"),
+        Metric("append_fsync_big", f"append 4 KiB + fsync, {big} file (per op)", "ms"),
+        Metric("sqlite_update", f"SQLite UPDATE transaction, {big} db, synchronous=FULL", "ms"),
         Metric("peak_rss", f"peak daemon RSS, {human(args.big_size)} write then cold read", "MiB"),
     ]
 
@@ -108,6 +126,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-reads", type=int, metavar="N", help="random reads (2000, quick 500)")
     p.add_argument("--files", type=int, metavar="N", help="files in the tar (2500, quick 500)")
     p.add_argument("--overwrites", type=int, metavar="N", help="overwrites (200, quick 50)")
+    p.add_argument(
+        "--synced-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="file and database of the synced-write rows (128M, quick 16M)",
+    )
+    p.add_argument(
+        "--synced-ops", type=int, metavar="N", help="operations per synced-write row (20, quick 5)"
+    )
     p.add_argument(
         "--migrate", action="store_true", help="also time stormfs encrypt and rotate vs cp -a"
     )
@@ -143,7 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--targets: name at least one target")
     if unknown := set(args.targets) - set(ALL_TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    for name in ("seq_size", "big_size"):
+    for name in ("seq_size", "big_size", "synced_size"):
         if getattr(args, name) < wl.MiB or getattr(args, name) % wl.MiB:
             p.error(f"--{name.replace('_', '-')} must be a positive multiple of 1 MiB")
     return args
@@ -157,6 +184,9 @@ def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
         "passthrough": lambda: tg.Passthrough(python),
         "gocryptfs": tg.Gocryptfs,
         "stormfs": lambda: tg.Stormfs(args.stormfs, key),
+        "stormfs-v2": lambda: tg.Stormfs(
+            args.stormfs, key, name="stormfs-v2", options=("-o", "format=v2")
+        ),
     }
     return [factories[name]() for name in args.targets]
 
@@ -195,6 +225,19 @@ class Bench:
                 lambda: wl.small_files(p, self.tree),
             ),
             (("overwrite",), lambda: wl.overwrite(p, a.overwrites)),
+            (
+                (
+                    "pwrite_fsync_small",
+                    "pwrite_fsync_big",
+                    "append_fsync_small",
+                    "append_fsync_big",
+                ),
+                lambda: wl.synced_writes(p, a.synced_size, a.synced_ops),
+            ),
+            (
+                ("sqlite_update",),
+                lambda: wl.sqlite_updates(p, self.scratch, a.synced_size, a.synced_ops),
+            ),
         ]
         if m.pid is not None:
             pid = m.pid
@@ -263,16 +306,16 @@ def summarize(
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, float | None]]]:
     medians = {t: {m.key: _median(runs, t, m.key) for m in table} for t in names}
     ratios: dict[str, dict[str, float | None]] = {}
-    for other in ("gocryptfs", "passthrough"):
-        if "stormfs" not in names or other not in names:
+    for target, other in RATIOS:
+        if target not in names or other not in names:
             continue
-        ratios[f"stormfs/{other}"] = {}
+        ratios[f"{target}/{other}"] = {}
         for m in table:
-            s, o = medians["stormfs"][m.key], medians[other][m.key]
+            s, o = medians[target][m.key], medians[other][m.key]
             ratio = None
             if s and o:
                 ratio = s / o if m.higher_is_better else o / s
-            ratios[f"stormfs/{other}"][m.key] = ratio
+            ratios[f"{target}/{other}"][m.key] = ratio
     return medians, ratios
 
 
@@ -307,7 +350,7 @@ def render(
         "lower is better. `-`: not applicable (no daemon)."
     )
     if ratios:
-        legend += " Ratios > 1 mean stormfs is better (stormfs/other for MB/s, other/stormfs else)."
+        legend += " Ratios > 1 mean the first is better (first/second for MB/s, second/first else)."
     lines.append(legend)
     notes = {f"{r['target']}: n/a ({r['reason']})" for r in runs if r["status"] == "n/a"}
     for r in runs:

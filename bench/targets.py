@@ -175,14 +175,20 @@ class Gocryptfs(FuseTarget):
 
 
 class Stormfs(FuseTarget):
+    """stormfs with its defaults (v1), or with extra mount options under another name."""
+
     name = "stormfs"
 
-    def __init__(self, program: str, key: str) -> None:
+    def __init__(
+        self, program: str, key: str, *, name: str = "stormfs", options: tuple[str, ...] = ()
+    ) -> None:
         self.program = program
+        self.name = name
         self._key = key
+        self._options = options
 
     def command(self, workdir: Path, src: Path, mnt: Path) -> list[str]:
-        return [self.program, "mount", "--foreground", str(src), str(mnt)]
+        return [self.program, "mount", "--foreground", *self._options, str(src), str(mnt)]
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "STORMCLOUD_ENCRYPTION_KEY": self._key}

@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sysconfig
@@ -230,6 +231,88 @@ def overwrite(mnt: Path, count: int) -> dict[str, float]:
     _check(path.read_bytes() == expected, "overwrite: file content differs after drop_caches")
     path.unlink()
     return {"overwrite": seconds}
+
+
+def synced_writes(mnt: Path, big: int, count: int) -> dict[str, float]:
+    """ms per 4 KiB pwrite + fsync at random page-aligned offsets, and per 4 KiB append +
+    fsync, in a 1 MiB file and in a `big` one: flat in the file size if a write costs
+    the chunks it touches."""
+    out: dict[str, float] = {}
+    rng = random.Random(0x5EED)
+    for label, size in (("small", MiB), ("big", big)):
+        pwrite_ms, append_ms = _synced_file(mnt / f"synced-{label}.bin", size, count, rng)
+        out[f"pwrite_fsync_{label}"] = pwrite_ms
+        out[f"append_fsync_{label}"] = append_ms
+    return out
+
+
+def _synced_file(path: Path, size: int, count: int, rng: random.Random) -> tuple[float, float]:
+    expected = data(0, size, file_id=9)
+    _write_file(path, expected)
+    patches = [STAMP.pack(b"sync", i, i).ljust(PAGE, b"\1") for i in range(2 * count)]
+    offsets = [rng.randrange(size // PAGE) * PAGE for _ in range(count)]
+    fd = os.open(path, os.O_WRONLY)
+
+    def pwrites() -> None:
+        for off, patch in zip(offsets, patches, strict=False):
+            os.pwrite(fd, patch, off)
+            os.fsync(fd)
+
+    def appends() -> None:
+        for i in range(count):
+            os.pwrite(fd, patches[count + i], size + i * PAGE)
+            os.fsync(fd)
+
+    try:
+        pwrite_ms = _timed(pwrites) * 1000 / count
+        append_ms = _timed(appends) * 1000 / count
+    finally:
+        os.close(fd)
+    for off, patch in zip(offsets, patches, strict=False):
+        expected[off : off + PAGE] = patch
+    expected += b"".join(patches[count:])
+    drop_caches()
+    _check(path.read_bytes() == expected, f"synced writes: {path.name} differs")
+    path.unlink()
+    return pwrite_ms, append_ms
+
+
+def sqlite_updates(mnt: Path, scratch: Path, size: int, count: int) -> dict[str, float]:
+    """ms per single-row UPDATE transaction (rollback journal, synchronous=FULL) in a
+    database of `size` bytes, built outside the mount and copied in."""
+    built = scratch / f"bench-{size}.db"
+    rows = size // 1024
+    if not built.exists():
+        db = sqlite3.connect(built)
+        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        db.executemany(
+            "INSERT INTO t(v) VALUES (?)", ((random.Random(i).randbytes(900),) for i in range(rows))
+        )
+        db.commit()
+        db.close()
+    path = mnt / "bench.db"
+    shutil.copyfile(built, path)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA synchronous=FULL")
+        rng = random.Random(0xDB)
+        ids = [rng.randrange(1, rows + 1) for _ in range(count)]
+
+        def updates() -> None:
+            for i, row in enumerate(ids):
+                db.execute("BEGIN")
+                db.execute("UPDATE t SET v = ? WHERE id = ?", (b"updated %d" % i, row))
+                db.execute("COMMIT")
+
+        seconds = _timed(updates)
+        _check(
+            db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", "sqlite: integrity check"
+        )
+    finally:
+        db.close()
+    path.unlink()
+    return {"sqlite_update": seconds * 1000 / count}
 
 
 def big_file_rss(mnt: Path, pid: int, size: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import NamedTuple, Protocol
 from . import format as fmt
 from . import format_v2 as v2
 from .keys import Key
+from .source import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -247,18 +248,22 @@ class V2Reader:
         chunk_size: int | None,
         *,
         st: os.stat_result | None = None,
+        cipher: v2.FileCipher | None = None,
     ) -> None:
         self.fd = fd
         self.key = key
         self.reported = reported
         self.name = name
         self.chunk_size = chunk_size  # as the header says; trusted once it verified
+        self._cipher: v2.FileCipher | None = None
         self._take(st or os.fstat(fd))
+        self._cipher = cipher  # given by the writer of the file, which needs no check
+        self._plain = bytearray()
 
     def _take(self, st: os.stat_result) -> None:
         self.ident = Identity.of(st)
         self.size = v2.plaintext_size(st.st_size, self.chunk_size)
-        self._cipher: v2.FileCipher | None = None
+        self._cipher = None
 
     def _changed(self) -> bool:
         """Whether the backing file moved on since `ident`; if so, take it as it is now."""
@@ -268,7 +273,8 @@ class V2Reader:
         self._take(st)
         return True
 
-    def _file_cipher(self) -> v2.FileCipher:
+    def file_cipher(self) -> v2.FileCipher:
+        """The file's keys, from its header (verified at the first call per version)."""
         if self._cipher is None:
             cipher = v2.open_header(self.key, os.pread(self.fd, v2.HEADER_SIZE, 0))
             if not v2.size_is_valid(self.ident.size, cipher.chunk_size):
@@ -279,7 +285,7 @@ class V2Reader:
         return self._cipher
 
     def _read_chunks(self, offset: int, n: int) -> bytes:
-        cipher = self._file_cipher()
+        cipher = self.file_cipher()
         size = cipher.chunk_size
         last = v2.chunk_count(self.size, size) - 1
         chunks = v2.chunks_covering(offset, n, size)
@@ -289,15 +295,21 @@ class V2Reader:
         if len(raw) != end - start:
             raise fmt.DecryptionFailed("shorter than its size")
         slot = v2.slot_size(size)
-        plain = b"".join(
-            cipher.open_chunk(i, raw[k * slot : (k + 1) * slot], i == last)
-            for k, i in enumerate(chunks)
-        )
+        want = len(raw) - len(chunks) * v2.CHUNK_OVERHEAD
+        if len(self._plain) < want:  # reused: a fresh large buffer per read costs page faults
+            self._plain = bytearray(want)
+        plain = memoryview(self._plain)
+        for k, i in enumerate(chunks):
+            sealed = raw[k * slot : (k + 1) * slot]
+            at = k * size
+            cipher.open_chunk_into(
+                i, sealed, i == last, plain[at : at + len(sealed) - v2.CHUNK_OVERHEAD]
+            )
         skip = offset - chunks.start * size
-        return plain[skip : skip + n]
+        return bytes(plain[skip : skip + n])
 
     def _header_and_empty_chunk(self) -> bytes:
-        cipher = self._file_cipher()
+        cipher = self.file_cipher()
         if self.size:
             return b""
         empty = os.pread(self.fd, self.ident.size - v2.HEADER_SIZE, v2.HEADER_SIZE)
@@ -306,11 +318,17 @@ class V2Reader:
     def _checked(self, read: Callable[[], bytes]) -> bytes:
         # A file that changed while it was read is read again as it is now; only
         # a failure of the file as it stands is damage.
-        for _ in range(3):
+        for attempt in range(3):
             try:
                 data = read()
             except fmt.DecryptionFailed:
                 if self._changed():
+                    continue
+                if attempt == 0:
+                    # Perhaps a chunk a writer elsewhere is rewriting in place: it
+                    # holds the file's lock until it is done, so read again after it.
+                    with file_lock(self.fd, exclusive=False):
+                        self._changed()
                     continue
                 if self.reported.first(self.ident):
                     log.error("DECRYPTION_FAILED: %s", self.name)
@@ -318,6 +336,15 @@ class V2Reader:
             if not self._changed():
                 return data
         raise OSError(errno.EIO, "backing file keeps changing while read")
+
+    def rewritten(self) -> None:
+        """The file was changed in place by this process: take its new size, keep its keys
+        (its header never changes)."""
+        cipher = self._cipher
+        self._take(os.fstat(self.fd))
+        if cipher is not None:
+            self._cipher = cipher
+            self.size = v2.plaintext_size(self.ident.size, cipher.chunk_size)
 
     def verify(self) -> None:
         """At open: the header, and an empty file's one chunk, which no read looks at

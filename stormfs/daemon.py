@@ -49,6 +49,10 @@ IGNORED_OPTIONS = frozenset(
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+V2_WARNING = (
+    "format=v2: new versions of files are written as v2, which the Storm Cloud server "
+    "cannot read (stormfs encrypt --format v1 converts them back)"
+)
 
 
 class MountError(Exception):
@@ -69,6 +73,8 @@ class MountOptions:
     metadata_threads: bool = False
     # Counters in Prometheus' text format, rewritten every METRICS_INTERVAL seconds.
     metrics_file: str | None = None
+    # The format new versions are written in: 1 (v1, what Storm Cloud reads) or 2.
+    write_format: int = 1
 
     def describe(self) -> list[str]:
         """The options in effect, as `-o` would give them (the key file's path included,
@@ -76,6 +82,7 @@ class MountOptions:
         out = sorted(self.fuse)
         out += [f"entry_timeout={self.entry_timeout:g}", f"attr_timeout={self.attr_timeout:g}"]
         out.append(f"readahead_kb={self.readahead_kb}")
+        out.append(f"format=v{self.write_format}")
         if self.metadata_threads:
             out.append("metadata_threads")
         if self.key_file:
@@ -101,6 +108,10 @@ class MountOptions:
                     opts.key_file = value
                 elif name == "keyring" and value:
                     opts.keyring = value
+                elif name == "format" and value:
+                    if value not in ("v1", "v2"):
+                        raise MountError("option format needs v1 or v2")
+                    opts.write_format = int(value[1])
                 elif name == "metrics_file" and value:
                     opts.metrics_file = os.path.abspath(value)
                 elif name in ("entry_timeout", "attr_timeout") and value:
@@ -160,12 +171,15 @@ def serve(
     """Mount, call `ready()` once the mount answers, serve until unmounted or signalled."""
     # The kernel applies the caller's umask to the modes it sends; ours must not mask again.
     os.umask(0)
-    store = Store(source, keyring)
+    store = Store(source, keyring, write_v2=opts.write_format == 2)
+    if opts.write_format == 2:
+        log.warning(V2_WARNING)
     try:
         stats = Stats(
             source=source,
             mountpoint=mountpoint,
             options=opts.describe(),
+            format=f"v{opts.write_format}",
             key_ids=keyring.key_ids() if keyring else [],
             current_key_id=keyring.current.key_id if keyring else None,
         )

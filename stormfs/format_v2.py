@@ -185,36 +185,64 @@ class FileCipher:
         return body + _hmac(self._mac_key, body).finalize()
 
     def seal_chunk(
-        self, index: int, plaintext: bytes | memoryview, last: bool, nonce: bytes | None = None
+        self,
+        index: int,
+        plaintext: bytes | bytearray | memoryview,
+        last: bool,
+        nonce: bytes | None = None,
     ) -> bytes:
         """Chunk `index` on disk; a fresh random nonce unless one is given.
 
         Every chunk but the last must be full; the last holds 1..chunk_size bytes
         (0 only as chunk 0 of an empty file).
         """
+        out = bytearray(len(plaintext) + CHUNK_OVERHEAD)
+        self.seal_chunk_into(index, plaintext, last, memoryview(out), nonce)
+        return bytes(out)
+
+    def seal_chunk_into(
+        self,
+        index: int,
+        plaintext: bytes | bytearray | memoryview,
+        last: bool,
+        out: memoryview,
+        nonce: bytes | None = None,
+    ) -> None:
+        """`seal_chunk`, written into `out` (exactly the sealed chunk's size)."""
         n = len(plaintext)
         if not 0 <= index < MAX_CHUNKS:
             raise OverflowError("chunk index out of range")
         if n > self.chunk_size or (not last and n != self.chunk_size) or (n == 0 and index):
             raise ValueError(f"{n} bytes cannot be chunk {index} (last={last})")
         nonce = new_nonce() if nonce is None else nonce
-        ad = associated_data(self.file_id, index, last)
-        return nonce + self._aead.encrypt(nonce, bytes(plaintext), ad)
+        out[:NONCE_SIZE] = nonce
+        self._aead.encrypt_into(
+            nonce, plaintext, associated_data(self.file_id, index, last), out[NONCE_SIZE:]
+        )
 
     def open_chunk(self, index: int, sealed: bytes | memoryview, last: bool) -> bytes:
         """The plaintext of chunk `index` as read from disk; DecryptionFailed unless
         it authenticates as that chunk of this file, last or not as said."""
+        out = bytearray(max(0, len(sealed) - CHUNK_OVERHEAD))
+        self.open_chunk_into(index, sealed, last, memoryview(out))
+        return bytes(out)
+
+    def open_chunk_into(
+        self, index: int, sealed: bytes | memoryview, last: bool, out: memoryview
+    ) -> None:
+        """`open_chunk`, with the plaintext written into `out` (exactly its size)."""
         n = len(sealed) - CHUNK_OVERHEAD
         if n < 0 or n > self.chunk_size or (not last and n != self.chunk_size):
             raise DecryptionFailed(f"chunk {index} has the wrong size")
         if n == 0 and index:
             raise DecryptionFailed(f"chunk {index} is empty")
-        sealed = bytes(sealed)
+        view = memoryview(sealed)
         try:
-            return self._aead.decrypt(
-                sealed[:NONCE_SIZE],
-                sealed[NONCE_SIZE:],
+            self._aead.decrypt_into(
+                bytes(view[:NONCE_SIZE]),
+                view[NONCE_SIZE:],
                 associated_data(self.file_id, index, last),
+                out,
             )
         except InvalidTag:
             raise DecryptionFailed(f"chunk {index} does not authenticate") from None
@@ -261,6 +289,58 @@ def seal(
         cipher.seal_chunk(i, piece, last, None if given is None else next(given))
         for i, piece, last in _pieces(plaintext, chunk_size)
     )
+
+
+class Sealer:
+    """Streaming v2 writer, the shape of `format.Sealer`: `header`, then `update` with
+    the plaintext as it comes (returns the chunks it completes), then `finalize` (the
+    last chunk).  Gives the bytes `seal` gives for the same file id and nonces.
+
+    A full chunk is held back until more plaintext follows, since only then is it
+    known not to be the last; so at most one chunk of plaintext is held.
+    """
+
+    def __init__(self, key: bytes, chunk_size: int = CHUNK_SIZE) -> None:
+        self.cipher = FileCipher.new(key, chunk_size)
+        self.header = self.cipher.header()
+        self.sealed_chunks = 0  # chunks returned so far, none of them the last
+        self.pending = bytearray()  # plaintext after them: 0..chunk_size bytes
+        self._out = bytearray()  # reused: a fresh large buffer per call costs page faults
+
+    def update(self, data: bytes | memoryview) -> memoryview:
+        """The chunks `data` completes, as a view valid until the next call."""
+        size = self.cipher.chunk_size
+        view = memoryview(data)
+        # Seal every chunk now known not to be the last: all but the final 1..size bytes.
+        count = max(0, len(self.pending) + len(view) - 1) // size
+        if self.sealed_chunks + count >= MAX_CHUNKS:
+            raise OverflowError("file too large for a v2 file")
+        slot = slot_size(size)
+        if len(self._out) < count * slot:
+            self._out = bytearray(count * slot)
+        dest = memoryview(self._out)
+        used = 0  # bytes of `view` consumed
+        for k in range(count):
+            if k == 0 and self.pending:
+                used = size - len(self.pending)
+                plain: bytes | bytearray | memoryview = self.pending + view[:used]
+            else:
+                plain = view[used : used + size]
+                used += size
+            self.cipher.seal_chunk_into(
+                self.sealed_chunks, plain, False, dest[k * slot : (k + 1) * slot]
+            )
+            self.sealed_chunks += 1
+        if count:
+            self.pending = bytearray(view[used:])
+        else:
+            self.pending += view
+        return dest[: count * slot]
+
+    def finalize(self) -> bytes:
+        last = self.cipher.seal_chunk(self.sealed_chunks, self.pending, True)
+        self.pending.clear()
+        return last
 
 
 def _pieces(plaintext: bytes, chunk_size: int) -> Iterator[tuple[int, bytes, bool]]:

@@ -17,7 +17,8 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,28 @@ def lock(fd: int, *, wait: bool) -> None:
     """An exclusive ``flock`` on `fd`, held until it is closed.  Without `wait`,
     BlockingIOError when another process holds it."""
     fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+
+
+_FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86-64 and arm64
+
+
+@contextlib.contextmanager
+def file_lock(fd: int, *, exclusive: bool) -> Iterator[None]:
+    """An open-file-description lock on the whole of `fd` (between processes, and
+    daemons on shared storage), released on leaving; where the filesystem has no
+    such locks, none is taken."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
 
 
 def open_lock(name: bytes, *, dir_fd: int | None = None, create: bool = True) -> int:

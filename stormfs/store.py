@@ -4,12 +4,12 @@ Everything here is blocking and runs off the trio thread.
 
 Private state lives in ``SOURCE/.stormfs/`` (mode 0700).  Each running daemon
 owns an *instance directory* ``.stormfs/tmp/<host>.<pid>.<random>/`` holding its
-temporary envelopes, unlinked scratch files and redo records, with a lock and a
-lease that tell other daemons it is alive (`instances`).  At start, the
-directories of daemons proven gone are taken over: their redo records are
-replayed and the directory removed.  So a crash leaves nothing visible and
-nothing torn, and several daemons (on one host or over shared storage) can use
-one SOURCE.
+temporary envelopes, unlinked scratch files and redo records (`redo`: those of
+v2 chunk rewrites), with a lock and a lease that tell other daemons it is alive
+(`instances`).  At start, the directories of daemons proven gone are taken
+over: their redo records are replayed and the directory removed.  So a crash
+leaves nothing visible and nothing torn, and several daemons (on one host or
+over shared storage) can use one SOURCE.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
 from . import format_v2 as v2
+from . import redo
 from .content import (
     LRU,
     EnvelopeReader,
@@ -48,7 +50,7 @@ from .instances import (
     owner_gone,
     remove_leftover,
 )
-from .keys import Keyring
+from .keys import Key, Keyring
 from .scan import V1, Layout, authenticate, header_layout, layout_of, opening_key
 from .source import (
     KEY_ID_XATTR,
@@ -56,6 +58,7 @@ from .source import (
     At,
     copy_metadata,
     copy_metadata_fd,
+    file_lock,
     lock,
     open_dir,
     open_lock,
@@ -89,6 +92,21 @@ class TempFile:
             os.unlink(self.name, dir_fd=self.dir_fd)
 
 
+class PlainSealer:
+    """The sealer of a mount without a key: files are written as they are."""
+
+    header = b""
+
+    def update(self, data: bytes | memoryview) -> bytes:
+        return bytes(data)
+
+    def finalize(self) -> bytes:
+        return b""
+
+
+AnySealer = fmt.Sealer | v2.Sealer | PlainSealer
+
+
 class NoKeyReader:
     """An envelope met while running without a key: it cannot be served."""
 
@@ -107,10 +125,14 @@ class NoKeyReader:
 
 class Store:
     """SOURCE as the mount sees it.  `key` is the keyring's current key (which seals
-    every new version); the other keys of `keyring` only open what they sealed."""
+    every new version); the other keys of `keyring` only open what they sealed.
+    `write_v2`: new versions are v2 files (else v1 envelopes)."""
 
-    def __init__(self, root: str | bytes, keyring: Keyring | None) -> None:
+    def __init__(
+        self, root: str | bytes, keyring: Keyring | None, *, write_v2: bool = False
+    ) -> None:
         self.root = os.fsencode(os.path.realpath(os.fsdecode(root)))
+        self.write_v2 = write_v2
         self.keyring = keyring
         self.key = keyring.current if keyring is not None else None
         only = self.key if keyring is not None and len(keyring) == 1 else None
@@ -133,6 +155,7 @@ class Store:
         os.rename(staging, self.instance)
         self._lease.start()
         self._state_dev = os.fstat(self.instance_fd).st_dev
+        self._slots = redo.Slots(self.instance_fd)
         self._seq = 0
         self._reported: set[bytes] = set()
         self.recover()
@@ -177,8 +200,12 @@ class Store:
                 if not owner_gone(entry.path, now):
                     return False  # free, but its owner is not proven gone
             for rec in sorted(os.listdir(entry.path)):
-                if rec.startswith(b"redo-") and not is_silly(rec):
+                if is_silly(rec):
+                    continue
+                if rec.startswith(b"redo-"):
                     self._replay(entry.path, rec)
+                elif rec.startswith(redo.PREFIX):
+                    self._replay_chunks(entry.path, rec)
             try:
                 os.rename(entry.path, entry.path + GONE)
             except FileNotFoundError:
@@ -209,6 +236,7 @@ class Store:
             log.warning("left .stormfs/tmp/%s: %s", os.fsdecode(name), why)
 
     def close(self) -> None:
+        self._slots.close()
         self._lease.stop()
         retired = self.instance + GONE
         try:
@@ -302,6 +330,16 @@ class Store:
 
     # ---- writing ----------------------------------------------------------
 
+    def sealing_key(self, at: At) -> Key | None:
+        """The key that seals new versions of the file at `at` (None: plaintext)."""
+        return self.key
+
+    def committer(
+        self, at: At, *, durable: bool, times: tuple[int | None, int] | None = None
+    ) -> Committer:
+        """Where a commit of the file at `at` goes (`working.WorkingCopy.commit`)."""
+        return Committer(self, at, durable, times)
+
     def new_temp(self) -> TempFile:
         self._seq += 1
         name = b"t-%d-%s" % (self._seq, secrets.token_hex(6).encode())
@@ -325,12 +363,14 @@ class Store:
         self,
         temp: TempFile,
         at: At,
-        nonce: bytes | None,
+        sealer: AnySealer,
+        key: Key | None,
         *,
         durable: bool,
         times: tuple[int | None, int] | None = None,
     ) -> Reader:
-        """Make `temp` (complete, not yet synced) the content of the file `at`, atomically.
+        """Make `temp` (complete, not yet synced; sealed by `sealer` under `key`) the
+        content of the file `at`, atomically.
 
         Metadata (mode, owner, extended attributes) is carried over from the
         current file.  A file with several hard links is rewritten in place under
@@ -346,19 +386,19 @@ class Store:
             None if times is None else (old.st_atime_ns if times[0] is None else times[0], times[1])
         )
         copy_metadata(at.proc, old, temp.fd)
-        if self.key is not None and nonce is not None:
-            set_xattr(temp.fd, KEY_ID_XATTR, self.key.key_id.encode())
+        if key is not None:
+            set_xattr(temp.fd, KEY_ID_XATTR, key.key_id.encode())
         if ns is not None:
             os.utime(temp.fd, ns=ns)
         os.fsync(temp.fd)
         dir_fd = At(at.dir_fd, b".").open(os.O_RDONLY | os.O_DIRECTORY)  # O_PATH cannot fsync
         try:
             if old.st_nlink > 1:
-                reader = self._rewrite_in_place(temp, at, old, nonce, ns)
+                reader = self._rewrite_in_place(temp, at, old, sealer, key, ns)
                 temp.discard()
             else:
                 self._rename_into(temp, dir_fd, at.name, old.st_dev)
-                reader = self._reader_for(temp.take_fd(), at, nonce)
+                reader = self._reader_for(temp.take_fd(), at, sealer, key)
             if durable:
                 try:
                     os.fsync(dir_fd)
@@ -369,12 +409,19 @@ class Store:
             os.close(dir_fd)
         return reader
 
-    def _reader_for(self, fd: int, at: At, nonce: bytes | None) -> Reader:
+    def _reader_for(self, fd: int, at: At, sealer: AnySealer, key: Key | None) -> Reader:
+        """The reader of a version this mount has just written (nothing to verify)."""
         st = os.fstat(fd)
-        if nonce is None or self.key is None:
+        if isinstance(sealer, PlainSealer) or key is None:
             return PlainReader(fd, st.st_size)
+        if isinstance(sealer, v2.Sealer):
+            size = sealer.cipher.chunk_size
+            self._layouts.put(Identity.of(st), Layout(2, size))
+            return V2Reader(
+                fd, key.material, self.reported, self.rel(at), size, st=st, cipher=sealer.cipher
+            )
         self._layouts.put(Identity.of(st), V1)
-        opened = Opened(nonce, self.key)
+        opened = Opened(sealer.nonce, key)
         return EnvelopeReader(
             fd, self._authenticate, self.verdicts, self.rel(at), opened=opened, st=st
         )
@@ -403,7 +450,8 @@ class Store:
         temp: TempFile,
         at: At,
         old: os.stat_result,
-        nonce: bytes | None,
+        sealer: AnySealer,
+        key: Key | None,
         times: tuple[int, int] | None,
     ) -> Reader:
         record = {
@@ -419,14 +467,91 @@ class Store:
             _overwrite(temp.fd, fd)
             if times is not None:
                 os.utime(fd, ns=times)
-            if self.key is not None and nonce is not None:
-                set_xattr(fd, KEY_ID_XATTR, self.key.key_id.encode())
+            if key is not None:
+                set_xattr(fd, KEY_ID_XATTR, key.key_id.encode())
             os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
         os.unlink(rec_name, dir_fd=self.instance_fd)
-        return self._reader_for(fd, at, nonce)
+        return self._reader_for(fd, at, sealer, key)
+
+    def rewrite_chunks(
+        self,
+        reader: V2Reader,
+        chunks: Iterator[tuple[int, bytes]],
+        size: int,
+        *,
+        times: tuple[int | None, int] | None,
+    ) -> V2Reader:
+        """Write `chunks` ((index, sealed chunk) each) of the v2 file that `reader`
+        reads, in place, atomically under a chunk record, so that it holds `size`
+        plaintext bytes.  Every writer of the file holds its lock while it applies,
+        so a reader that finds a torn chunk can wait and read again (`content`)."""
+        chunk_size = reader.file_cipher().chunk_size
+        # The very file the reader reads (the name may have moved on).
+        fd = os.open(b"/proc/self/fd/%d" % reader.fd, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            old_size = st.st_size
+
+            def extents() -> Iterator[tuple[int, bytes, bytes | None]]:
+                for index, sealed in chunks:
+                    offset = v2.chunk_offset(index, chunk_size)
+                    old = os.pread(fd, fmt.NONCE_SIZE, offset) if offset < old_size else b""
+                    yield offset, sealed, old if len(old) == fmt.NONCE_SIZE else None
+
+            target = os.readlink(b"/proc/self/fd/%d" % fd)
+            with self._slots.take() as slot:
+                record = slot.write(target, st, v2.ondisk_size(size, chunk_size), extents())
+                with file_lock(fd, exclusive=True):
+                    redo.apply(record, slot.fd, fd)
+                    if times is not None:
+                        atime = st.st_atime_ns if times[0] is None else times[0]
+                        os.utime(fd, ns=(atime, times[1]))
+                    # The file's name and metadata are as they were: its data (and
+                    # size) is all a durable commit needs, and all a record waits for.
+                    os.fdatasync(fd)
+                slot.clear()
+        finally:
+            os.close(fd)
+        reader.rewritten()
+        self._layouts.put(reader.ident, Layout(2, chunk_size))
+        return reader
+
+    def _replay_chunks(self, instance: bytes, name: bytes) -> None:
+        """Finish an interrupted in-place rewrite of v2 chunks, if it is one."""
+        slot_fd = os.open(os.path.join(instance, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            record = redo.load(slot_fd)
+            if record is None:
+                return
+            try:
+                fd = os.open(record.target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                log.warning(
+                    "chunk record for %s not replayed: %s", self.rel(record.target), e.strerror
+                )
+                return
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (record.dev, record.ino):
+                    return
+                with file_lock(fd, exclusive=True):
+                    todo = redo.pending(record, slot_fd, fd)
+                    if todo:
+                        redo.apply(record, slot_fd, fd)
+                        os.fsync(fd)
+                        log.info("finished an interrupted rewrite of %s", self.rel(record.target))
+                if todo is None:
+                    log.warning(
+                        "chunk record for %s not replayed: the file was written since",
+                        self.rel(record.target),
+                    )
+            finally:
+                os.close(fd)
+        finally:
+            os.close(slot_fd)
 
     def _replay(self, instance: bytes, rec_name: bytes) -> None:
         """Finish an interrupted in-place rewrite (the temp is complete and synced)."""
@@ -458,6 +583,27 @@ class Store:
         finally:
             os.close(fd)
             os.close(src)
+
+
+class Committer:
+    """A commit's way into SOURCE, for one file: a new version by `publish`, or
+    some chunks of a v2 file rewritten in place by `rewrite`."""
+
+    def __init__(
+        self, store: Store, at: At, durable: bool, times: tuple[int | None, int] | None
+    ) -> None:
+        self._store = store
+        self._at = at
+        self._durable = durable
+        self._times = times
+
+    def publish(self, temp: TempFile, sealer: AnySealer, key: Key | None) -> Reader:
+        return self._store.publish(
+            temp, self._at, sealer, key, durable=self._durable, times=self._times
+        )
+
+    def rewrite(self, reader: V2Reader, chunks: Iterator[tuple[int, bytes]], size: int) -> Reader:
+        return self._store.rewrite_chunks(reader, chunks, size, times=self._times)
 
 
 def _replaced(name: bytes) -> OSError:

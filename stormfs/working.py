@@ -14,30 +14,36 @@ Two representations, chosen by the access pattern:
   sealer into a fresh temporary file.
 
 Truncation only lowers the limits below which base and prefix bytes count, so
-nothing is rewritten until commit.  Blocking code; runs off the trio thread.
+nothing is rewritten until commit.
+
+New versions are v1 envelopes, or v2 files on a mount that writes v2.  A v2
+file already under the sealing key is not rewritten whole: its writes go to
+scratch blocks, and the commit reseals only the chunks they touch (plus the
+last chunk, when the size changed), which the store writes in place under a
+redo record.  Blocking code; runs off the trio thread.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Iterator
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import format as fmt
-from .content import Reader, read_full
+from . import format_v2 as v2
+from .content import Reader, V2Reader, read_full
+from .keys import Key
 from .source import pwrite_all
-from .store import Store, TempFile
+from .store import AnySealer, PlainSealer, Store, TempFile
 
 BLOCK = 4096
 CHUNK = 1 << 20
 # A write this far past the streamed end still streams (the gap is copied from
 # base now rather than at commit); further away, it goes to scratch blocks.
 CATCHUP_LIMIT = 64 << 20
-
-T = TypeVar("T")
 
 
 class Scratch:
@@ -81,6 +87,12 @@ class Scratch:
             out[i : i + BLOCK] = dec.update(view[i : i + BLOCK])
         return bytes(out)
 
+    def dirty_blocks(self) -> Iterator[int]:
+        i = self._dirty.find(1)
+        while i >= 0:
+            yield i
+            i = self._dirty.find(1, i + 1)
+
     def drop_from(self, block: int) -> None:
         if block < len(self._dirty):
             del self._dirty[block:]
@@ -90,55 +102,85 @@ class Scratch:
         os.close(self.fd)
 
 
-class PlainSealer:
-    """The sealer of a mount without a key: files are written as they are."""
-
-    nonce = None
-    header = b""
-
-    def update(self, data: bytes | memoryview) -> bytes:
-        return bytes(data)
-
-    def finalize(self) -> bytes:
-        return b""
-
-
 class Prefix:
-    """A temporary file holding the first `length` bytes of the new version."""
+    """A temporary file holding the first `length` bytes of the new version, sealed
+    as they came; `streaming` until the file diverges from a stream."""
 
-    def __init__(self, temp: TempFile, sealer: fmt.Sealer | PlainSealer, key: bytes | None):
+    def __init__(self, temp: TempFile, sealer: AnySealer, key: Key | None) -> None:
         self.temp = temp
-        self.sealer: fmt.Sealer | PlainSealer | None = sealer
-        self.nonce = sealer.nonce
-        self.key = key
-        self.offset = len(sealer.header)
+        self.sealer = sealer
+        self.streaming = True
+        self._key = key
+        self._disk = len(sealer.header)  # bytes written to the temporary file
         self.length = 0
         pwrite_all(temp.fd, sealer.header, 0)
 
     def append(self, data: bytes | memoryview) -> None:
-        assert self.sealer is not None
-        pwrite_all(self.temp.fd, self.sealer.update(data), self.offset + self.length)
+        out = self.sealer.update(data)
+        pwrite_all(self.temp.fd, out, self._disk)
+        self._disk += len(out)
         self.length += len(data)
 
     def read(self, offset: int, n: int) -> bytes:
-        data = os.pread(self.temp.fd, n, self.offset + offset)
+        sealer = self.sealer
+        if isinstance(sealer, v2.Sealer):
+            return self._read_v2(sealer, offset, n)
+        data = os.pread(self.temp.fd, n, len(sealer.header) + offset)
         if len(data) != n:
             raise OSError(errno.EIO, "temporary file is short")
-        if self.key is None or self.nonce is None:
+        if isinstance(sealer, PlainSealer):
             return data
-        return fmt.decrypt_range(self.key, self.nonce, offset, data)
+        assert self._key is not None
+        return fmt.decrypt_range(self._key.material, sealer.nonce, offset, data)
+
+    def _read_v2(self, sealer: v2.Sealer, offset: int, n: int) -> bytes:
+        """Sealed chunks from the file (authenticated as they are opened), the rest
+        from the sealer's pending chunk."""
+        cipher = sealer.cipher
+        size = cipher.chunk_size
+        boundary = sealer.sealed_chunks * size
+        parts = []
+        if offset < boundary:
+            chunks = v2.chunks_covering(offset, min(offset + n, boundary) - offset, size)
+            slot = v2.slot_size(size)
+            start = v2.chunk_offset(chunks.start, size)
+            raw = memoryview(os.pread(self.temp.fd, len(chunks) * slot, start))
+            if len(raw) != len(chunks) * slot:
+                raise OSError(errno.EIO, "temporary file is short")
+            plain = b"".join(
+                cipher.open_chunk(i, raw[k * slot : (k + 1) * slot], False)
+                for k, i in enumerate(chunks)
+            )
+            skip = offset - chunks.start * size
+            parts.append(plain[skip : skip + min(n, boundary - offset)])
+        if offset + n > boundary:
+            lo = max(offset, boundary) - boundary
+            parts.append(bytes(sealer.pending[lo : offset + n - boundary]))
+        return b"".join(parts)
 
     def finish(self) -> None:
-        assert self.sealer is not None
-        tag = self.sealer.finalize()
-        self.sealer = None
-        pwrite_all(self.temp.fd, tag, self.offset + self.length)
-        os.ftruncate(self.temp.fd, self.offset + self.length + len(tag))
+        self.streaming = False
+        tail = self.sealer.finalize()
+        pwrite_all(self.temp.fd, tail, self._disk)
+        os.ftruncate(self.temp.fd, self._disk + len(tail))
+
+
+class Committer(Protocol):
+    """Where a commit goes: the store's side, bound to one file (`Store.committer`)."""
+
+    def publish(self, temp: TempFile, sealer: AnySealer, key: Key | None) -> Reader: ...
+
+    def rewrite(
+        self, reader: V2Reader, chunks: Iterator[tuple[int, bytes]], size: int
+    ) -> Reader: ...
 
 
 class WorkingCopy:
-    def __init__(self, store: Store, base: Reader, size: int) -> None:
+    """`key` seals the new version (None: it is written as plaintext)."""
+
+    def __init__(self, store: Store, base: Reader, size: int, key: Key | None) -> None:
         self.store = store
+        self.key = key
         self.base = base  # owned by the caller
         self.size = size
         self._base_limit = min(size, base.size)  # base bytes count below this
@@ -197,7 +239,27 @@ class WorkingCopy:
     # ---- writing ------------------------------------------------------------
 
     def _streaming(self) -> bool:
-        return self._scratch is None and (self._prefix is None or self._prefix.sealer is not None)
+        if self._prefix is None:
+            # A file reseals in place rather than streams, unless it is rewritten from empty.
+            return self._scratch is None and (self._base_limit == 0 or not self._in_place())
+        return self._scratch is None and self._prefix.streaming
+
+    def _in_place(self) -> bool:
+        """Whether the base is a v2 file this copy's new version may keep, chunks and all."""
+        base = self.base
+        return (
+            self.store.write_v2
+            and isinstance(base, V2Reader)
+            and self.key is not None
+            and base.key == self.key.material
+        )
+
+    def _new_sealer(self) -> AnySealer:
+        if self.key is None:
+            return PlainSealer()
+        if self.store.write_v2:
+            return v2.Sealer(self.key.material)
+        return fmt.Sealer(self.key.material)
 
     def write(self, off: int, data: bytes) -> None:
         end = off + len(data)
@@ -223,13 +285,9 @@ class WorkingCopy:
     def _stream_to(self, off: int) -> None:
         """Start the prefix if needed and fill it from what lies under, up to `off`."""
         if self._prefix is None:
-            key = self.store.key
-            sealer: fmt.Sealer | PlainSealer = (
-                fmt.Sealer(key.material) if key is not None else PlainSealer()
-            )
             temp = self.store.new_temp()
             try:
-                self._prefix = Prefix(temp, sealer, key.material if key else None)
+                self._prefix = Prefix(temp, self._new_sealer(), self.key)
             except BaseException:
                 temp.discard()
                 raise
@@ -242,7 +300,7 @@ class WorkingCopy:
     def _freeze(self) -> None:
         """No more appends to the prefix: the file now diverges from a stream."""
         if self._prefix is not None:
-            self._prefix.sealer = None
+            self._prefix.streaming = False
 
     def _block(self, b: int) -> bytes:
         assert self._scratch is not None
@@ -284,8 +342,8 @@ class WorkingCopy:
 
     # ---- committing ---------------------------------------------------------
 
-    def commit(self, publish: Callable[[TempFile, bytes | None], T]) -> T:
-        """Write the complete new version to a temporary file and `publish` it.
+    def commit(self, to: Committer) -> Reader:
+        """Make the new version the file's content and return its reader.
 
         On success the working copy is spent (closed).  On failure it stays
         intact, so a later commit can try again.
@@ -298,26 +356,56 @@ class WorkingCopy:
             except BaseException:
                 self._freeze()
                 raise
-            result = publish(prefix.temp, prefix.nonce)
+            result = to.publish(prefix.temp, prefix.sealer, self.key)
             self._prefix = None
-            self.close()
-            return result
-        key = self.store.key
-        sealer: fmt.Sealer | PlainSealer = (
-            fmt.Sealer(key.material) if key is not None else PlainSealer()
-        )
+        elif prefix is None and self._in_place() and (chunks := self._changed_chunks()):
+            assert isinstance(self.base, V2Reader)
+            result = to.rewrite(self.base, chunks, self.size)
+        else:
+            result = self._rewrite_whole(to)
+        self.close()
+        return result
+
+    def _rewrite_whole(self, to: Committer) -> Reader:
+        sealer = self._new_sealer()
         temp = self.store.new_temp()
         try:
-            out = Prefix(temp, sealer, None)
+            out = Prefix(temp, sealer, self.key)
             for off in range(0, self.size, CHUNK):
                 out.append(self.read(off, min(CHUNK, self.size - off)))
             out.finish()
-            result = publish(temp, sealer.nonce)
+            return to.publish(temp, sealer, self.key)
         except BaseException:
             temp.discard()
             raise
-        self.close()
-        return result
+
+    def _changed_chunks(self) -> Iterator[tuple[int, bytes]] | None:
+        """The chunks of the base that the new version changes, resealed, in order;
+        None where rewriting the whole file costs less (most of it changed, and it
+        has one name, so a rename can publish it)."""
+        assert isinstance(self.base, V2Reader)
+        base = self.base
+        cipher = base.file_cipher()
+        size = cipher.chunk_size
+        last = v2.chunk_count(self.size, size) - 1
+        dirty: set[int] = set()
+        if self._scratch is not None:
+            dirty.update(b * BLOCK // size for b in self._scratch.dirty_blocks())
+        if self.size != base.size or self._base_limit < base.size:
+            start = min(self._base_limit, base.size)
+            dirty.update(v2.chunks_covering(start, self.size - start, size))
+            dirty.add(last)
+            dirty.add(v2.chunk_count(base.size, size) - 1)  # the old last, if it stays
+        changed = sorted(i for i in dirty if i <= last)
+        if len(changed) > (last + 1) // 2 and os.fstat(base.fd).st_nlink == 1:
+            return None
+
+        def sealed() -> Iterator[tuple[int, bytes]]:
+            for i in changed:
+                plain = self.read(i * size, v2.chunk_span(self.size, i, size))
+                yield i, cipher.seal_chunk(i, plain, i == last)
+
+        return sealed()
 
     def close(self) -> None:
         """Drop pending state (temporary and scratch files); the base stays open."""

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from stormfs import redo
+
 from .helpers import Mount, MountFactory
 
 SIZES = (0, 1, 17, 4096, 10_000, 65_536, 300_000, 1_200_000)
@@ -250,22 +252,35 @@ def check_view(m: Mount, v: Versions, context: str) -> dict[str, int]:
 
 
 def crash_loop(
-    mount_factory: MountFactory, tmp_path: Path, rounds: int, source: Path | None = None
+    mount_factory: MountFactory,
+    tmp_path: Path,
+    rounds: int,
+    source: Path | None = None,
+    args: tuple[str, ...] = (),
 ) -> dict[str, int]:
     """kill -9 the daemon `rounds` times at random moments while a writer commits;
-    after each remount every file is one of its committed versions, nothing else."""
+    after each remount every file is one of its committed versions, nothing else.
+    `args`: the mount's options."""
     seed = int(os.environ.get("STORMFS_CRASH_SEED", random.randrange(1 << 32)))
     print(f"crash seed {seed} (rerun with STORMFS_CRASH_SEED={seed})")
     rng = random.Random(seed)
     source, mnt = source or tmp_path / "src", tmp_path / "mnt"
     v = Versions()
-    m = mount_factory(source, mnt)
+    m = mount_factory(source, mnt, args=args)
     for name in ("rewrite", "patch", "append", "truncate", "linked", "saved", "synced"):
         data = rng.randbytes(rng.choice(SIZES))
         (m.mnt / name).write_bytes(data)
         v.ack(name, data)
     os.link(m.mnt / "linked", m.mnt / "linked.2")
-    figures = {"kills": 0, "temps": 0, "redo": 0, "previous": 0, "newer": 0, "ops": 0}
+    figures = {
+        "kills": 0,
+        "temps": 0,
+        "redo": 0,
+        "chunk records": 0,
+        "previous": 0,
+        "newer": 0,
+        "ops": 0,
+    }
     for round_ in range(rounds):
         context = f"seed {seed} round {round_}"
         writer = Writer(m.mnt, v, random.Random(rng.randrange(1 << 32)))
@@ -284,7 +299,10 @@ def crash_loop(
             names = os.listdir(inst) if not inst.name.endswith(".gone") else []
             figures["temps"] += sum(n.startswith("t-") for n in names)
             figures["redo"] += sum(n.startswith("redo-") for n in names)
-        m = mount_factory(source, mnt)
+            figures["chunk records"] += sum(
+                n.startswith("chunks-") and (inst / n).read_bytes()[:8] == redo.MAGIC for n in names
+            )
+        m = mount_factory(source, mnt, args=args)
         live = m.instance_dirs()
         assert len(live) == 1 and f".{m.pid}." in live[0], f"{context}: leftovers {live}"
         outcome = check_view(m, v, context)

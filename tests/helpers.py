@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from stormfs import format_v2 as v2
 from stormfs import keys
 
 MOUNT_TIMEOUT = 15.0
@@ -121,8 +122,12 @@ class Mount:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def decrypt(self, name: str) -> bytes:
-        """The plaintext of a file in SOURCE by the plain recipe of DESIGN §1."""
-        return reference_decrypt(self.raw_key, (self.source / name).read_bytes())
+        """The plaintext of a file in SOURCE: a v1 envelope by the plain recipe of
+        DESIGN §1, a v2 file authenticated whole (`format_v2.open_file`)."""
+        blob = (self.source / name).read_bytes()
+        if v2.is_v2(blob):
+            return v2.open_file(self.raw_key, blob)
+        return reference_decrypt(self.raw_key, blob)
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Stop the daemon (committing pending writes on SIGTERM) and make sure it is unmounted."""

@@ -454,3 +454,18 @@ def test_chunks_covering_reads_exactly_the_range(data, offset, n):
     got = b"".join(pieces)
     skip = offset - covering.start * SMALL if len(covering) else 0
     assert got[skip : skip + max(0, end - offset)] == data[offset:end]
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL, 3 * SMALL + 5])
+@pytest.mark.parametrize("piece", [1, 1000, SMALL, 3 * SMALL + 7])
+def test_the_streaming_sealer_gives_the_file_seal_gives(size, piece):
+    plaintext = os.urandom(size)
+    sealer = v2.Sealer(KEY, SMALL)
+    out = [sealer.header]
+    for i in range(0, size, piece):
+        out.append(bytes(sealer.update(plaintext[i : i + piece])))  # valid until the next call
+        assert len(sealer.pending) <= SMALL
+    out.append(sealer.finalize())
+    env = b"".join(out)
+    assert len(env) == v2.ondisk_size(size, SMALL)
+    assert v2.open_file(KEY, env) == plaintext

@@ -70,13 +70,16 @@ def seeds(n: int) -> dict[str, int]:
 
 
 @pytest.mark.timeout(300)
-def test_fsx_short(mounted: Mount):
-    run_fsx(mounted, seeds(3), ops=300, max_size=512 << 10)
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_fsx_short(mount_factory: MountFactory, fmt: str):
+    run_fsx(mount_factory(args=("-o", f"format={fmt}")), seeds(3), ops=300, max_size=512 << 10)
 
 
 @pytest.mark.stress
 @pytest.mark.timeout(3600)
-def test_fsx_long(mounted: Mount):
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_fsx_long(mount_factory: MountFactory, fmt: str):
+    mounted = mount_factory(args=("-o", f"format={fmt}"))
     ops = int(os.environ.get("STORMFS_FSX_OPS", "5000"))
     run_fsx(mounted, seeds(4), ops=ops, max_size=4 << 20)
 

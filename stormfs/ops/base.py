@@ -201,7 +201,11 @@ class OpsBase(pyfuse3.Operations):
         if node.file.working is None:
             if node.file.reader is None:
                 raise OSError(errno.EBADF, "file is not open")
-            node.file.working = WorkingCopy(self.store, node.file.reader, node.file.reader.size)
+            target = self._target(node)
+            key = self.store.sealing_key(target) if isinstance(target, At) else self.store.key
+            node.file.working = WorkingCopy(
+                self.store, node.file.reader, node.file.reader.size, key
+            )
             node.file.mtime_ns = time.time_ns()
         return node.file.working
 
@@ -235,11 +239,9 @@ class OpsBase(pyfuse3.Operations):
         # pending, so the kernel sees no change and keeps its page cache.
         times = node.file.times or (None, node.file.mtime_ns)
 
-        def publish(temp, nonce):
-            return self.store.publish(temp, at, nonce, durable=durable, times=times)
-
+        committer = self.store.committer(at, durable=durable, times=times)
         try:
-            reader = await self._run(working.commit, publish)
+            reader = await self._run(working.commit, committer)
         except BaseException as e:
             node.file.cached = None
             self.stats.committed(e)
@@ -248,7 +250,7 @@ class OpsBase(pyfuse3.Operations):
         old, node.file.reader = node.file.reader, reader
         node.file.working = None
         node.file.times = None
-        if old is not None:
+        if old is not None and old is not reader:  # a v2 file rewritten in place keeps it
             await self._meta(old.close)
         st = await self._meta(os.fstat, reader.fd)
         self.table.rekey(node, st, created=True)
