@@ -1,7 +1,8 @@
 """`stormfs audit`: where a storage directory stands, changing nothing.
 
-The engine: every regular file lands in exactly one class (`scan.Status`);
-the result is the report that ``--json`` prints.
+The engine: every regular file lands in exactly one class (`scan.Status`),
+and each encrypted one is counted by format (v1, v2); the result is the
+report that ``--json`` prints.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
 
     counts: Counter[Status] = Counter()
     by_key: Counter[str] = Counter()
+    formats: Counter[str] = Counter({"v1": 0, "v2": 0})
     files: list[dict[str, str]] = []
     for entry, verdict in bounded_map(check, walk(root), workers=WORKERS):
         counts[verdict.status] += 1
         if verdict.key is not None:
             by_key[verdict.key.key_id] += 1
+        if verdict.status is Status.ENCRYPTED and verdict.version is not None:
+            formats[f"v{verdict.version}"] += 1
         if verdict.status is not Status.ENCRYPTED:
             files.append(
                 {
@@ -51,5 +55,6 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
         "decryption_failed": counts[Status.DECRYPTION_FAILED],
         "unreadable": counts[Status.UNREADABLE],
         "key_ids": dict(sorted(by_key.items())),
+        "formats": dict(sorted(formats.items())),
         "files": files,
     }

@@ -71,9 +71,11 @@ def dry_run(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    convert_to: int | None = None,
 ) -> dict[str, Any]:
-    """What a run would do, changing nothing (a rotation when `keyring` is given)."""
-    p = plan(root, workers, keyring, include_legacy=include_legacy)
+    """What a run would do, changing nothing (a rotation when `keyring` is given
+    without `convert_to`)."""
+    p = plan(root, workers, keyring, include_legacy=include_legacy, convert_to=convert_to)
     return _report(root, key, p, [], 0.0, stale=len(p.stale), dry_run=True)
 
 
@@ -85,9 +87,14 @@ def encrypt(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    convert_to: int | None = None,
 ) -> dict[str, Any]:
     """Encrypt every legacy file, or with `keyring` (whose current key is `key`) rotate
     every envelope under an older key, and legacy files if `include_legacy`.
+
+    With `convert_to` (1 or 2; `keyring` opens the envelopes) it is no rotation:
+    every legacy file and every envelope of the other format is sealed in that
+    format under `key`.
 
     Raises Busy if another run holds SOURCE.
     """
@@ -97,7 +104,9 @@ def encrypt(
         why = swap.cannot_exchange(state_fd)
         if why is not None:
             raise CannotSwap(why.strerror)
-        return _encrypt_all(root, key, workers, progress, state_fd, keyring, include_legacy)
+        return _encrypt_all(
+            root, key, workers, progress, state_fd, keyring, include_legacy, convert_to
+        )
 
 
 @contextlib.contextmanager
@@ -125,6 +134,7 @@ def _encrypt_all(
     state_fd: int,
     keyring: Keyring | None,
     include_legacy: bool,
+    convert_to: int | None,
 ) -> dict[str, Any]:
     # A lease break is announced with SIGIO, whose default action kills the
     # process; the break itself is seen by polling F_GETLEASE.
@@ -136,7 +146,9 @@ def _encrypt_all(
     started = time.monotonic()
     problems, keep_holds = recover_journals(root, state_fd)
     # The pipeline authenticates what it seals again: recorded key ids save a read.
-    p = plan(root, workers, keyring, include_legacy=include_legacy, hints=True)
+    p = plan(
+        root, workers, keyring, include_legacy=include_legacy, hints=True, convert_to=convert_to
+    )
     p.problems[:0] = problems
     removed = 0
     for rel in p.stale:
@@ -146,7 +158,8 @@ def _encrypt_all(
             os.unlink(os.path.join(root, rel))
             removed += 1
     progress.start(len(p.jobs), sum(j.size for j in p.jobs))
-    migrator = Migrator(root, key, progress.advance, state_fd, keyring)
+    rotate = keyring is not None and convert_to is None
+    migrator = Migrator(root, key, progress.advance, state_fd, keyring, rotate=rotate)
     results: list[tuple[Job, Outcome]] = []
     queue = p.jobs
     for attempt in range(ATTEMPTS):
@@ -187,7 +200,10 @@ def _report(
     if dry_run:
         for job in p.jobs:
             for n in job.names:
-                if job.key is not None:
+                if job.key is not None and job.target is not None:
+                    detail = f"v{job.version} to v{job.target} ({job.size} bytes)"
+                    status = "needs_conversion"
+                elif job.key is not None:
                     detail = f"under key id {job.key.key_id} ({job.size} bytes)"
                     status = "needs_rotation"
                 else:
@@ -198,7 +214,7 @@ def _report(
                 files.append({"path": display(n), "status": status, "detail": detail})
     from_keys: Counter[str] = Counter()
     for job in p.jobs:
-        if job.key is not None:
+        if job.key is not None and job.key.key_id != key.key_id:
             from_keys[job.key.key_id] += len(job.names)
     for job, o in results:
         count[o.status] += 1

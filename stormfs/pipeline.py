@@ -50,12 +50,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import format as fmt
+from . import format_v2 as v2
 from . import swap
-from .content import Identity
+from .content import Identity, pread_stream
 from .journal import write_journal
 from .keys import Key, Keyring
 from .plan import TMP_PREFIX, Job
-from .scan import authenticate, describe, header_kind
+from .scan import Layout, authenticate, describe, header_layout, opening_key
 from .sealing import NotUnderKey, Workers, seal_file
 from .source import open_dir, open_readonly, recorded_key_id, syncfs
 from .swap import Retry, ino, lease_intact, put_back, take_lease
@@ -129,8 +130,9 @@ class Migrator:
     before any of them is swapped in, a second makes the swaps durable before
     the originals are unlinked.  Same guarantees, a fraction of the flushes.
 
-    `keyring` (a rotation) opens envelopes met meanwhile; without it, an
-    envelope found where a legacy file was planned is simply done.
+    `keyring` (a rotation, with `rotate`, or a conversion) opens envelopes met
+    meanwhile; without it, an envelope found where a legacy file was planned is
+    simply done.
     """
 
     def __init__(
@@ -140,10 +142,13 @@ class Migrator:
         advance: Callable[[int], None],
         state_fd: int,
         keyring: Keyring | None = None,
+        *,
+        rotate: bool = False,
     ) -> None:
         self.root = root
         self.key = key
         self.keyring = keyring
+        self.rotate = rotate
         self.advance = advance  # bytes read (negative: an attempt dropped)
         self.state_fd = state_fd
         self.run_id = secrets.token_hex(4).encode()
@@ -259,11 +264,9 @@ class Migrator:
             if st.st_nlink != len(job.names) and (st.st_nlink > 1 or len(job.names) > 1):
                 raise Retry("hard_links", "its hard links changed during the run")
             leased = take_lease(fd)
-            kind = header_kind(fd, st)
-            if kind is fmt.Kind.PLAINTEXT and job.key is not None:
-                raise Retry("changed", "replaced by a plaintext file during the run")
-            if kind is fmt.Kind.ENCRYPTED and job.key is None:
-                outcome = self._reclassify(job, fd, st)
+            layout = header_layout(fd, st)
+            if layout.version != job.version:
+                outcome = self._reclassify(job, fd, st, layout)
                 _close_all(fd, dirs)
                 return outcome
             for rel in job.names:
@@ -273,25 +276,30 @@ class Migrator:
             except NotUnderKey:
                 self.advance(-counted[0])
                 counted[0] = 0
-                outcome = self._reclassify(job, fd, st)
+                outcome = self._reclassify(job, fd, st, layout)
             _close_all(fd, dirs)
             return outcome
         except BaseException:
             _close_all(fd, dirs)
             raise
 
-    def _reclassify(self, job: Job, fd: int, st: os.stat_result) -> Outcome:
-        """An envelope that is not what its job said: done if under the current key, tried
-        again under the key that opens it (raising Retry), or reported if none does."""
+    def _reclassify(self, job: Job, fd: int, st: os.stat_result, layout: Layout) -> Outcome:
+        """A file that is not what its job said (another format, or not under the key
+        named): done if it needs nothing any more, tried again as what it is now
+        (raising Retry), or reported if no key opens it."""
+        if layout.version == 0:
+            raise Retry("changed", "replaced by a plaintext file during the run")
         if self.keyring is None:
             return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
-        opened = authenticate(fd, st.st_size, self.keyring, recorded_key_id(fd))
-        if opened is None:
+        if not self.rotate and layout.version == job.sealed_as:
+            return Outcome(Done.ALREADY, "already", f"{layout.name} meanwhile")
+        key = _opening_key(fd, st, layout, self.keyring)
+        if key is None:
             return Outcome(None, "decryption_failed", NO_KEY_OPENS)
-        if opened.key.key_id == self.key.key_id:
+        if self.rotate and key.key_id == self.key.key_id:
             return Outcome(Done.ALREADY, "already", "under the current key meanwhile")
-        job.key = opened.key
-        raise Retry("changed", f"found under key id {opened.key.key_id}; try again")
+        job.key, job.version = key, layout.version
+        raise Retry("changed", f"found as {layout.name} under key id {key.key_id}; try again")
 
     def _open_dir(self, rel: bytes) -> int:
         return open_dir(os.path.join(self.root, os.path.dirname(rel)))
@@ -326,6 +334,8 @@ class Migrator:
                 st,
                 self.key,
                 old_key=job.key,
+                version=job.version,
+                target=job.sealed_as,
                 leased=leased,
                 path=os.path.join(self.root, job.names[0]),
                 advance=advance,
@@ -419,7 +429,9 @@ class Migrator:
         self._reaper.submit(self._release, s)
         st, t_st = s.st, s.t_st
         detail = f"{st.st_size} bytes"
-        if s.job.key is not None:
+        if s.job.version and s.job.version != s.job.sealed_as:
+            detail += f", v{s.job.version} to v{s.job.sealed_as}"
+        if s.job.key is not None and s.job.key.key_id != self.key.key_id:
             detail += f", from key id {s.job.key.key_id} to {self.key.key_id}"
         growth = 0
         if st.st_blocks * 512 < st.st_size:
@@ -448,6 +460,18 @@ class Migrator:
         if journal is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(journal, dir_fd=self.state_fd)
+
+
+def _opening_key(fd: int, st: os.stat_result, layout: Layout, keyring: Keyring) -> Key | None:
+    """The key of `keyring` that opens the envelope `fd`, the recorded one tried first."""
+    if layout.version == 1:
+        opened = authenticate(fd, st.st_size, keyring, recorded_key_id(fd))
+        return None if opened is None else opened.key
+
+    def opens(material: bytes) -> None:
+        v2.verify_stream(material, pread_stream(fd), st.st_size)
+
+    return opening_key(keyring, recorded_key_id(fd), opens)
 
 
 def _close_all(fd: int, dirs: list[int]) -> None:

@@ -55,11 +55,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A file's class, why, and (authenticated envelopes) the key that opens it."""
+    """A file's class, why, (authenticated envelopes) the key that opens it, and (from
+    `classify_path`, envelopes) the format its header names."""
 
     status: Status
     detail: str
     key: Key | None = None
+    version: int | None = None
 
 
 def display(rel: bytes) -> str:
@@ -271,7 +273,8 @@ def classify_path(path: bytes, keyring: Keyring | None, *, quick: bool) -> Verdi
             if layout is LEGACY:
                 return Verdict(Status.NEEDS_ENCRYPTION, f"legacy plaintext ({st.st_size} bytes)")
             if quick:
-                return Verdict(Status.ENCRYPTED, f"{layout.name} header (not verified)")
+                detail = f"{layout.name} header (not verified)"
+                return Verdict(Status.ENCRYPTED, detail, version=layout.version)
             if keyring is None:
                 return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
             verdict = _authenticate(fd, st, keyring, layout)
@@ -298,7 +301,8 @@ def _authenticate(fd: int, st: os.stat_result, keyring: Keyring, layout: Layout)
         key = opened.key if opened is not None else None
     if key is not None:
         prefix = "v2 file " if layout.version == 2 else ""
-        return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under key id {key.key_id}", key)
+        detail = f"{prefix}authenticated under key id {key.key_id}"
+        return Verdict(Status.ENCRYPTED, detail, key, layout.version)
     if layout.version == 2:
         why = "v2 file does not authenticate under the key (wrong key, damaged, cut or extended)"
     else:
@@ -306,7 +310,7 @@ def _authenticate(fd: int, st: os.stat_result, keyring: Keyring, layout: Layout)
             "envelope does not authenticate under the key "
             "(wrong key, damaged or truncated, or plaintext starting with 0x01)"
         )
-    return Verdict(Status.DECRYPTION_FAILED, f"DECRYPTION_FAILED: {why}")
+    return Verdict(Status.DECRYPTION_FAILED, f"DECRYPTION_FAILED: {why}", None, layout.version)
 
 
 def bounded_map(

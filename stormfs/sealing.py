@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import format as fmt
+from . import format_v2 as v2
 from .content import pread_stream
 from .keys import Key
 from .source import KEY_ID_XATTR, copy_metadata, pwrite_all
@@ -56,106 +57,155 @@ def seal_file(
     key: Key,
     *,
     old_key: Key | None,
+    version: int,
+    target: int,
     leased: bool,
     path: bytes,
     advance: Callable[[int], None],
 ) -> os.stat_result:
-    """Seal the original open at `fd` (`st` its fstat, `path` its name) into the empty
-    file `out` under `key`, authenticate that copy, give it the original's metadata
-    and `key`'s id; the copy's fstat.
+    """Seal the original open at `fd` (`st` its fstat, `path` its name; `version` its
+    format: 0 legacy, 1 or 2) into the empty file `out`, in format `target` (1 or 2)
+    under `key`; authenticate that copy, give it the original's metadata and
+    `key`'s id; return the copy's fstat.
 
-    A legacy original is read as it is; an envelope under an older key
-    (`old_key`) is decrypted on the way, and NotUnderKey raised unless its tag
-    verifies at the end.  `advance(n)` is told each `n` bytes read.  Retry when
-    the original changes, or a writer waits for its lease; DecryptionFailed when
-    the copy read back does not verify.
+    A legacy original is read as it is; an envelope is opened with `old_key` on
+    the way, and NotUnderKey raised unless all of it authenticates (a v1 tag is
+    checked at the end: the unverified plaintext only lands in the copy, which
+    is then dropped).  `advance(n)` is told each `n` bytes read, `st.st_size`
+    in all.  Retry when the original changes, or a writer waits for its lease;
+    DecryptionFailed when the copy read back does not verify.
     """
-    if old_key is None:
-        nonce, tag = _seal(fd, out, st, key, leased, advance)
-        _verify(out, key, nonce, tag, st.st_size)
-    else:
-        nonce, tag = _reseal(fd, out, st, key, old_key, leased, advance)
-        _verify(out, key, nonce, tag, st.st_size - fmt.OVERHEAD)
+    sealer: fmt.Sealer | v2.Sealer = (
+        fmt.Sealer(key.material) if target == 1 else v2.Sealer(key.material)
+    )
+    pwrite_all(out, sealer.header, 0)
+    pos = len(sealer.header)
+    plain_size = 0
+    for piece in _plaintext(fd, st, old_key, version, leased, advance):
+        sealed = sealer.update(piece)
+        pwrite_all(out, sealed, pos)
+        pos += len(sealed)
+        plain_size += len(piece)
+    tail = sealer.finalize()
+    pwrite_all(out, tail, pos)
+    _verify(out, key, sealer, tail, plain_size)
     copy_metadata(path, st, out)
     os.setxattr(out, KEY_ID_XATTR, key.key_id.encode())
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     return os.fstat(out)
 
 
-def _seal(
-    fd: int, out: int, st: os.stat_result, key: Key, leased: bool, advance: Callable[[int], None]
-) -> tuple[bytes, bytes]:
-    sealer = fmt.Sealer(key.material)
-    pwrite_all(out, sealer.header, 0)
-    off = 0
-    while True:
-        data = os.pread(fd, CHUNK, off)
-        if not data:
-            break
-        pwrite_all(out, sealer.update(data), fmt.HEADER_SIZE + off)
-        off += len(data)
-        advance(len(data))
-        if leased and not lease_intact(fd):
-            raise Retry("changed", "opened for writing while being encrypted")
-    if off != st.st_size:
-        raise Retry("changed", "changed while being encrypted")
-    tag = sealer.finalize()
-    pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-    return sealer.nonce, tag
-
-
-def _reseal(
+def _plaintext(
     fd: int,
-    out: int,
     st: os.stat_result,
-    key: Key,
-    old_key: Key,
+    old_key: Key | None,
+    version: int,
     leased: bool,
     advance: Callable[[int], None],
-) -> tuple[bytes, bytes]:
-    """Decrypt the envelope `fd` under `old_key` into a new one under `key`, in one
-    pass; NotUnderKey unless the original's tag verifies at the end."""
+) -> Iterator[bytes]:
+    """The original's plaintext, piece by piece (see `seal_file`)."""
+    if version == 0:
+        pieces = _legacy(fd, st)
+    elif old_key is None:
+        raise ValueError("an envelope needs the key that opens it")
+    elif version == 1:
+        pieces = _v1(fd, st, old_key)
+    else:
+        pieces = _v2(fd, st, old_key)
+    for piece, nread in pieces:
+        advance(nread)
+        if leased and not lease_intact(fd):
+            raise Retry("changed", "opened for writing while being encrypted")
+        yield piece
+    if os.fstat(fd).st_size != st.st_size:
+        raise Retry("changed", "changed while being encrypted")
+
+
+def _legacy(fd: int, st: os.stat_result) -> Iterator[tuple[bytes, int]]:
+    off = 0
+    while data := os.pread(fd, CHUNK, off):
+        off += len(data)
+        yield data, len(data)
+    if off != st.st_size:
+        raise Retry("changed", "changed while being encrypted")
+
+
+def _v1(fd: int, st: os.stat_result, key: Key) -> Iterator[tuple[bytes, int]]:
+    """Decrypted while read; NotUnderKey unless the tag verifies at the end."""
     head = os.pread(fd, fmt.HEADER_SIZE, 0)
     if len(head) != fmt.HEADER_SIZE or head[:1] != fmt.VERSION_BYTE:
         raise Retry("changed", "changed while being re-encrypted")
-    opener = Cipher(algorithms.AES(old_key.material), modes.GCM(head[1:])).decryptor()
-    sealer = fmt.Sealer(key.material)
-    pwrite_all(out, sealer.header, 0)
+    opener = Cipher(algorithms.AES(key.material), modes.GCM(head[1:])).decryptor()
     plain_size = st.st_size - fmt.OVERHEAD
     off = 0
     while off < plain_size:
         data = os.pread(fd, min(CHUNK, plain_size - off), fmt.HEADER_SIZE + off)
         if not data:
             raise Retry("changed", "changed while being re-encrypted")
-        pwrite_all(out, sealer.update(opener.update(data)), fmt.HEADER_SIZE + off)
         off += len(data)
-        advance(len(data))
-        if leased and not lease_intact(fd):
-            raise Retry("changed", "opened for writing while being re-encrypted")
-    old_tag = os.pread(fd, fmt.TAG_SIZE, fmt.HEADER_SIZE + plain_size)
-    if len(old_tag) != fmt.TAG_SIZE or os.fstat(fd).st_size != st.st_size:
+        yield opener.update(data), len(data)
+    tag = os.pread(fd, fmt.TAG_SIZE, fmt.HEADER_SIZE + plain_size)
+    if len(tag) != fmt.TAG_SIZE:
         raise Retry("changed", "changed while being re-encrypted")
     try:
-        opener.finalize_with_tag(old_tag)
+        opener.finalize_with_tag(tag)
     except InvalidTag:
         raise NotUnderKey from None
-    advance(fmt.OVERHEAD)  # the job's size is the envelope's
-    tag = sealer.finalize()
-    pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-    return sealer.nonce, tag
+    yield b"", fmt.OVERHEAD  # the job's size is the envelope's
 
 
-def _verify(out: int, key: Key, nonce: bytes, tag: bytes, plain_size: int) -> None:
-    """The copy on disk authenticates, with our nonce and tag: it decrypts to what we read.
+def _v2(fd: int, st: os.stat_result, key: Key) -> Iterator[tuple[bytes, int]]:
+    """Chunk by chunk, each authenticated before it is used; NotUnderKey at the first
+    part that does not (or for a size no v2 file has)."""
+    try:
+        cipher = v2.open_header(key.material, os.pread(fd, v2.HEADER_SIZE, 0))
+    except fmt.DecryptionFailed:
+        raise NotUnderKey from None
+    size = cipher.chunk_size
+    if not v2.size_is_valid(st.st_size, size):
+        raise NotUnderKey
+    plain_size = v2.plaintext_size(st.st_size, size)
+    count = v2.chunk_count(plain_size, size)
+    per_read = max(1, CHUNK // size)
+    yield b"", v2.HEADER_SIZE
+    for first in range(0, count, per_read):
+        last = min(count, first + per_read)
+        start = v2.chunk_offset(first, size)
+        end = v2.chunk_offset(last, size) if last < count else st.st_size
+        data = memoryview(os.pread(fd, end - start, start))
+        if len(data) != end - start:
+            raise Retry("changed", "changed while being re-encrypted")
+        pieces = []
+        pos = 0
+        for i in range(first, last):
+            n = v2.chunk_span(plain_size, i, size) + v2.CHUNK_OVERHEAD
+            try:
+                pieces.append(cipher.open_chunk(i, data[pos : pos + n], i == count - 1))
+            except fmt.DecryptionFailed:
+                raise NotUnderKey from None
+            pos += n
+        yield b"".join(pieces), len(data)
 
-    The tag covers every ciphertext byte, and the ciphertext is the bytes read
-    under AES-CTR.
-    """
-    size = plain_size + fmt.OVERHEAD
+
+def _verify(
+    out: int, key: Key, sealer: fmt.Sealer | v2.Sealer, tail: bytes, plain_size: int
+) -> None:
+    """The copy on disk authenticates as the file `sealer` wrote: it decrypts to what was
+    read.  A v1 tag covers every ciphertext byte, which is the plaintext under AES-CTR
+    with our nonce; a v2 file's chunks authenticate only under the subkeys of our
+    fresh random file id, at their index, the last one as last."""
+    if isinstance(sealer, fmt.Sealer):
+        size = plain_size + fmt.OVERHEAD
+        if os.fstat(out).st_size != size:
+            raise fmt.DecryptionFailed("size")
+        got = fmt.verify_stream(key.material, pread_stream(out), size)
+        if got != sealer.nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tail:
+            raise fmt.DecryptionFailed("mismatch")
+        return
+    size = v2.ondisk_size(plain_size, sealer.cipher.chunk_size)
     if os.fstat(out).st_size != size:
         raise fmt.DecryptionFailed("size")
-    got = fmt.verify_stream(key.material, pread_stream(out), size)
-    if got != nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tag:
+    if v2.verify_stream(key.material, pread_stream(out), size).file_id != sealer.cipher.file_id:
         raise fmt.DecryptionFailed("mismatch")
 
 
@@ -268,13 +318,16 @@ class Workers:
         key: Key,
         *,
         old_key: Key | None,
+        version: int,
+        target: int,
         leased: bool,
         path: bytes,
         advance: Callable[[int], None],
     ) -> os.stat_result:
         """`seal_file` with these arguments, in a worker process."""
         call = _Call(advance)
-        self._pick().submit(pickle.dumps((st, key, old_key, leased, path)), [fd, out], call)
+        job = pickle.dumps((st, key, old_key, version, target, leased, path))
+        self._pick().submit(job, [fd, out], call)
         call.done.wait()
         kind, value = call.reply
         if kind == "done":
@@ -341,9 +394,18 @@ def serve(sock_fd: int) -> None:
                 unreported = 0
 
         try:
-            st, key, old_key, leased, path = pickle.loads(raw)
+            st, key, old_key, version, target, leased, path = pickle.loads(raw)
             stat_out = seal_file(
-                fd, out, st, key, old_key=old_key, leased=leased, path=path, advance=advance
+                fd,
+                out,
+                st,
+                key,
+                old_key=old_key,
+                version=version,
+                target=target,
+                leased=leased,
+                path=path,
+                advance=advance,
             )
             reply: tuple[str, Any] = ("done", stat_out)
         except ConnectionError:

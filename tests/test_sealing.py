@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs import keys, swap
 from stormfs.exitcodes import OK
 from stormfs.sealing import NotUnderKey, Workers
@@ -32,8 +33,16 @@ def workers() -> Iterator[Workers]:
     pool.close()
 
 
-def seal_into(workers: Workers, src: Path, old_key: keys.Key | None = None) -> tuple[bytes, int]:
-    """Seal `src` beside itself through `workers`; the copy's bytes and the bytes reported."""
+def seal_into(
+    workers: Workers,
+    src: Path,
+    old_key: keys.Key | None = None,
+    *,
+    version: int = 0,
+    target: int = 1,
+) -> tuple[bytes, int]:
+    """Seal `src` (in format `version`) beside itself as `target` through `workers`;
+    the copy's bytes and the bytes reported read."""
     fd = os.open(src, os.O_RDONLY)
     out = os.open(src.with_name(src.name + ".sealed"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     read = [0]
@@ -44,6 +53,8 @@ def seal_into(workers: Workers, src: Path, old_key: keys.Key | None = None) -> t
             os.fstat(fd),
             KEY,
             old_key=old_key,
+            version=version,
+            target=target,
             leased=swap.take_lease(fd),
             path=os.fsencode(src),
             advance=lambda n: read.__setitem__(0, read[0] + n),
@@ -85,12 +96,35 @@ def test_a_rotation_keeps_the_copy_only_under_the_old_key(tmp_path: Path, worker
     old = keys.Key("1", os.urandom(32))
     data = legacy(2 << 20)
     write(tmp_path / "under-old", fmt.seal(old.material, data))
-    sealed, read = seal_into(workers, tmp_path / "under-old", old_key=old)
+    sealed, read = seal_into(workers, tmp_path / "under-old", old_key=old, version=1)
     assert reference_decrypt(KEY.material, sealed) == data
     assert read == len(data) + fmt.OVERHEAD
     write(tmp_path / "under-another", fmt.seal(os.urandom(32), data))
     with pytest.raises(NotUnderKey):
-        seal_into(workers, tmp_path / "under-another", old_key=old)
+        seal_into(workers, tmp_path / "under-another", old_key=old, version=1)
+
+
+@pytest.mark.parametrize("size", [0, 1, v2.CHUNK_SIZE, v2.CHUNK_SIZE + 1, (3 << 20) + 7])
+def test_conversions_between_the_formats(tmp_path: Path, workers: Workers, size: int):
+    """v1 to v2 and back, under another key; the bytes read are the original's size."""
+    old = keys.Key("1", os.urandom(32))
+    data = os.urandom(size)
+    write(tmp_path / "v1", fmt.seal(old.material, data))
+    sealed, read = seal_into(workers, tmp_path / "v1", old_key=old, version=1, target=2)
+    assert v2.open_file(KEY.material, sealed) == data
+    assert read == size + fmt.OVERHEAD
+    write(tmp_path / "v2", sealed)
+    back, read = seal_into(workers, tmp_path / "v2", old_key=KEY, version=2, target=1)
+    assert reference_decrypt(KEY.material, back) == data
+    assert read == len(sealed)
+
+
+def test_a_damaged_v2_chunk_is_not_converted(tmp_path: Path, workers: Workers):
+    damaged = bytearray(v2.seal(KEY.material, os.urandom(3 * v2.CHUNK_SIZE)))
+    damaged[v2.chunk_offset(2, v2.CHUNK_SIZE) + 20] ^= 1
+    write(tmp_path / "damaged", bytes(damaged))
+    with pytest.raises(NotUnderKey):
+        seal_into(workers, tmp_path / "damaged", old_key=KEY, version=2, target=1)
 
 
 def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path: Path, workers: Workers):
