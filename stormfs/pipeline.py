@@ -9,11 +9,11 @@ For one file (one inode):
    which we do as soon as we notice, abandoning the attempt;
 2. create ``.stormfs-tmp-enc-*`` in the same directory (hidden from the
    mount) and hand both descriptors to a worker process (`sealing`), which
-   streams the original through `format.Sealer` into it, authenticates that
-   copy with `format.verify_stream`, and gives it the original's mode, owner,
-   times and other extended attributes plus ``user.stormfs.key_id``; a file
-   with several names gets its envelope linked beside each, under a journal
-   (`journal`);
+   streams the original through `format.Sealer` (or `format_v2.Sealer`, for
+   a v2 file kept or made so) into it, authenticates that copy, and gives
+   it the original's mode, owner, times and other extended attributes plus
+   ``user.stormfs.key_id``; a file with several names gets its envelope
+   linked beside each, under a journal (`journal`);
 3. by batches: one ``syncfs`` makes the batch's copies (and journals)
    durable; each original whose identity (dev, ino, size, mtime, ctime) is
    unchanged is swapped with its copy by `swap.swap_in`, which undoes the
@@ -22,16 +22,16 @@ For one file (one inode):
    durable, and only then are the originals unlinked.
 
 The authentication in step 2 proves the copy decrypts to the bytes that were
-read: the tag covers every ciphertext byte, and the ciphertext is those bytes
-under AES-CTR.
+read (`sealing._verify` says why, for each format).
 
-A rotation's job is an envelope under an older key (`Job.key`): step 2
-decrypts it while sealing, and the copy is kept only if the original's tag
-verifies under that key at the end (the unverified plaintext only ever lands
-in the new envelope, hidden, which is then dropped).  An original that no
-longer opens under that key is classified again: under the current key it
-is done, under another key it is tried again with that one, under none it is
-reported DECRYPTION_FAILED and left as it is.
+A rotation's or a conversion's job is an envelope (`Job.key` opens it, and
+`Job.version` is its format): step 2 decrypts it while sealing, and the copy
+is kept only if the original authenticates under that key in full (the
+unverified plaintext of a v1 original only ever lands in the new envelope,
+hidden, which is then dropped).  An original that no longer opens under that
+key, or is in another format than planned, is classified again: done if it
+needs nothing any more, tried again as what it is now, reported
+DECRYPTION_FAILED and left as it is if no key opens it.
 """
 
 from __future__ import annotations

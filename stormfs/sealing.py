@@ -365,7 +365,7 @@ def _report(exc: BaseException) -> tuple[str, Any]:
         return "not_under_key", None
     if isinstance(exc, fmt.DecryptionFailed):
         return "decryption_failed", str(exc)
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and exc.errno is not None:
         args = (exc.errno, exc.strerror) if exc.filename is None else (*exc.args, exc.filename)
         return "oserror", args
     return "error", f"{type(exc).__name__}: {exc}"
