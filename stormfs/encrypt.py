@@ -32,6 +32,7 @@ from .keys import Key, Keyring
 from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome
 from .plan import Job, Plan, plan
 from .scan import display
+from .sealing import Workers
 from .source import lock, open_dir, open_lock, state_dir
 
 # Files sealed at once, each by a process of its own.
@@ -143,41 +144,43 @@ def _encrypt_all(
     want = FDS_PER_FILE * BATCH_FILES * 3
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    started = time.monotonic()
-    problems, keep_holds = recover_journals(root, state_fd)
-    # The pipeline authenticates what it seals again: recorded key ids save a read.
-    p = plan(
-        root, workers, keyring, include_legacy=include_legacy, hints=True, convert_to=convert_to
-    )
-    p.problems[:0] = problems
-    removed = 0
-    for rel in p.stale:
-        if rel in keep_holds:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(root, rel))
-            removed += 1
-    progress.start(len(p.jobs), sum(j.size for j in p.jobs))
-    rotate = keyring is not None and convert_to is None
-    migrator = Migrator(root, key, progress.advance, state_fd, keyring, rotate=rotate)
-    results: list[tuple[Job, Outcome]] = []
-    queue = p.jobs
-    for attempt in range(ATTEMPTS):
-        retry: list[Job] = []
-        for job, outcome in migrator.run(queue, workers):
-            retryable = outcome.done is None and outcome.status in RETRYABLE
-            if retryable and attempt + 1 < ATTEMPTS:
-                retry.append(job)
+    # The sealing processes start while SOURCE is walked, and serve every attempt.
+    with contextlib.closing(Workers(workers)) as sealers:
+        started = time.monotonic()
+        problems, keep_holds = recover_journals(root, state_fd)
+        # The pipeline authenticates what it seals again: recorded key ids save a read.
+        p = plan(
+            root, workers, keyring, include_legacy=include_legacy, hints=True, convert_to=convert_to
+        )
+        p.problems[:0] = problems
+        removed = 0
+        for rel in p.stale:
+            if rel in keep_holds:
                 continue
-            results.append((job, outcome))
-            progress.finished(job, outcome, sparse=job.names[0] in p.sparse)
-        if not retry:
-            break
-        time.sleep(RETRY_DELAY * (attempt + 1))
-        queue = retry
-    progress.close()
-    seconds = time.monotonic() - started
-    return _report(root, key, p, results, seconds, stale=removed, dry_run=False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, rel))
+                removed += 1
+        progress.start(len(p.jobs), sum(j.size for j in p.jobs))
+        rotate = keyring is not None and convert_to is None
+        migrator = Migrator(root, key, progress.advance, state_fd, sealers, keyring, rotate=rotate)
+        results: list[tuple[Job, Outcome]] = []
+        queue = p.jobs
+        for attempt in range(ATTEMPTS):
+            retry: list[Job] = []
+            for job, outcome in migrator.run(queue, workers):
+                retryable = outcome.done is None and outcome.status in RETRYABLE
+                if retryable and attempt + 1 < ATTEMPTS:
+                    retry.append(job)
+                    continue
+                results.append((job, outcome))
+                progress.finished(job, outcome, sparse=job.names[0] in p.sparse)
+            if not retry:
+                break
+            time.sleep(RETRY_DELAY * (attempt + 1))
+            queue = retry
+        progress.close()
+        seconds = time.monotonic() - started
+        return _report(root, key, p, results, seconds, stale=removed, dry_run=False)
 
 
 def _report(

@@ -141,6 +141,7 @@ class Migrator:
         key: Key,
         advance: Callable[[int], None],
         state_fd: int,
+        sealers: Workers,
         keyring: Keyring | None = None,
         *,
         rotate: bool = False,
@@ -155,7 +156,7 @@ class Migrator:
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._reaper: ThreadPoolExecutor
-        self._workers: Workers
+        self._workers = sealers  # started by the caller, which also stops them
 
     def _temp_name(self) -> bytes:
         with self._seq_lock:
@@ -167,7 +168,7 @@ class Migrator:
     def run(self, jobs: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
         """Every job's outcome, as it is known.
 
-        Three stages overlap: `workers` processes seal files; a committer thread
+        Three stages overlap: the `workers` processes seal files; a committer thread
         syncs and swaps in one batch while the next fills; a reaper thread unlinks
         the originals (freeing, maybe discarding, their blocks).
         """
@@ -180,9 +181,7 @@ class Migrator:
         # A thread per job in flight: it opens and leases the original, waits for a
         # process to seal it, links the copy; twice as many as processes keeps them busy.
         threads = 2 * workers
-        self._workers = Workers(workers)
         with (
-            contextlib.closing(self._workers),
             ThreadPoolExecutor(max_workers=threads) as pool,
             ThreadPoolExecutor(1) as committer,
             ThreadPoolExecutor(1) as reaper,

@@ -250,7 +250,7 @@ class _Worker:
                 socket.send_fds(self.sock, [job], fds)
             except OSError:
                 self.calls.pop()
-                raise
+                raise OSError(errno.EIO, "a sealing process ended") from None
 
     def _read(self) -> None:
         try:

@@ -128,11 +128,37 @@ def test_a_damaged_v2_chunk_is_not_converted(tmp_path: Path, workers: Workers):
 
 
 def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path: Path, workers: Workers):
+    """Killed in the middle of a job: that job fails; killed between jobs: the next job
+    goes to a new process."""
     write(tmp_path / "big", legacy(64 << 20))
+    fd = os.open(tmp_path / "big", os.O_RDONLY)
+    out = os.open(tmp_path / "big.sealed", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def kill_them(n: int) -> None:  # told of the first MiB read: the job is under way
+        for w in workers._workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+    try:
+        with pytest.raises(OSError, match="sealing process ended"):
+            workers.seal(
+                fd,
+                out,
+                os.fstat(fd),
+                KEY,
+                old_key=None,
+                version=0,
+                target=1,
+                leased=False,
+                path=os.fsencode(tmp_path / "big"),
+                advance=kill_them,
+            )
+    finally:
+        os.close(fd)
+        os.close(out)
     for w in workers._workers:
         w.proc.kill()
-    with pytest.raises(OSError, match="sealing process ended"):
-        seal_into(workers, tmp_path / "big")
+        w.proc.wait()
     write(tmp_path / "next", b"sealed by a new process")
     sealed, _ = seal_into(workers, tmp_path / "next")
     assert reference_decrypt(KEY.material, sealed) == b"sealed by a new process"
