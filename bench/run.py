@@ -160,7 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--synced-ops", type=int, metavar="N", help="operations per synced-write row (20, quick 5)"
     )
-    p.add_argument("--migrate", action="store_true", help="also time stormfs encrypt vs cp -a")
+    p.add_argument(
+        "--migrate", action="store_true", help="also time stormfs encrypt and rotate vs cp -a"
+    )
     p.add_argument(
         "--requests",
         action="store_true",
@@ -398,16 +400,20 @@ class Bench:
 
     def run_migrate(self, rnd: int) -> dict[str, Any]:
         program = self.args.stormfs
-        probe = subprocess.run([program, "encrypt", "--help"], capture_output=True, check=False)
-        if probe.returncode:
-            return {"round": rnd, "status": "n/a", "reason": "stormfs encrypt is not available"}
-        print(f"  round {rnd + 1} migrate: cp -a vs stormfs encrypt", flush=True)
+        for command in ("encrypt", "rotate"):
+            probe = subprocess.run([program, command, "--help"], capture_output=True, check=False)
+            if probe.returncode:
+                reason = f"stormfs {command} is not available"
+                return {"round": rnd, "status": "n/a", "reason": reason}
+        print(f"  round {rnd + 1} migrate: cp -a vs stormfs encrypt and rotate", flush=True)
         workdir = self.scratch / f"r{rnd}-migrate"
         clean(workdir)
         try:
-            env = {**os.environ, "STORMCLOUD_ENCRYPTION_KEY": self.key}
             log = self.logs / f"r{rnd}-migrate.log"
-            result = wl.migrate(workdir, self.args.migrate_size, program, env, self.key, log)
+            keys = (self.key, secrets.token_urlsafe(32))
+            result = wl.migrate(
+                workdir, self.args.migrate_size, program, dict(os.environ), keys, log
+            )
             return {"round": rnd, "status": "ok", **result}
         except Exception as e:
             return {"round": rnd, "status": "FAIL", "reason": f"{type(e).__name__}: {e}"}
@@ -490,17 +496,22 @@ def render(
 
 
 def render_migrate(results: list[dict[str, Any]], size: int) -> str:
+    head = (
+        f"| migrate {human(size)} legacy tree | cp -a + sync | stormfs encrypt "
+        "| stormfs rotate (key 1 to 2) | encrypt / cp | rotate / cp |"
+    )
+    rule = "|---|---|---|---|---|---|"
     ok = [r for r in results if r["status"] == "ok"]
-    head = f"| migrate {human(size)} legacy tree | cp -a + sync | stormfs encrypt | encrypt / cp |"
     if not ok:
         reasons = sorted({r["reason"] for r in results})
-        return f"{head}\n|---|---|---|---|\n| MB/s | n/a | n/a | n/a |\n\n- " + "\n- ".join(reasons)
-    cp = statistics.median(r["cp_a"] for r in ok)
-    enc = statistics.median(r["encrypt"] for r in ok)
+        return f"{head}\n{rule}\n| MB/s | n/a | n/a | n/a | n/a | n/a |\n\n- " + "\n- ".join(
+            reasons
+        )
+    cp, enc, rot = (statistics.median(r[k] for r in ok) for k in ("cp_a", "encrypt", "rotate"))
     files = ok[0]["files"]
     return (
-        f"{head}\n|---|---|---|---|\n| MB/s ({files} files) | {cp:.0f} | {enc:.0f} | "
-        f"{enc / cp:.2f}x |"
+        f"{head}\n{rule}\n| MB/s ({files} files, median of {len(ok)}) | {cp:.0f} | {enc:.0f} "
+        f"| {rot:.0f} | {enc / cp:.2f}x | {rot / cp:.2f}x |"
     )
 
 

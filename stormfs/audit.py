@@ -1,9 +1,10 @@
 """`stormfs audit`: where a storage directory stands, changing nothing.
 
-The engine: every regular file lands in exactly one class (`scan.Status`);
-the result is the report that ``--json`` prints.  Files are also counted by
-encryption method (``none``, ``server``, ``server-user``): a file under
-``SOURCE/ACCOUNT/`` may be under its account's user key.
+The engine: every regular file lands in exactly one class (`scan.Status`),
+and each encrypted one is counted by format (v1, v2); the result is the
+report that ``--json`` prints.  Files are also counted by encryption method
+(``none``, ``server``, ``server-user``): a file under ``SOURCE/ACCOUNT/`` may
+be under its account's user key.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
     counts: Counter[Status] = Counter()
     by_key: Counter[str] = Counter()
     methods: Counter[str] = Counter({m: 0 for m in ("none", MASTER_METHOD, USER_METHOD)})
+    formats: Counter[str] = Counter({"v1": 0, "v2": 0})
     files: list[dict[str, str]] = []
     for entry, verdict in bounded_map(check, walk(root), workers=WORKERS):
         counts[verdict.status] += 1
@@ -38,6 +40,8 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
             by_key[verdict.key.key_id] += 1
         if verdict.method is not None:
             methods[verdict.method] += 1
+        if verdict.status is Status.ENCRYPTED and verdict.version is not None:
+            formats[f"v{verdict.version}"] += 1
         if verdict.status is not Status.ENCRYPTED:
             files.append(
                 {
@@ -58,5 +62,6 @@ def audit(root: bytes, keyring: Keyring | None, *, quick: bool) -> dict[str, Any
         "unreadable": counts[Status.UNREADABLE],
         "key_ids": dict(sorted(by_key.items())),
         "methods": dict(methods),
+        "formats": dict(sorted(formats.items())),
         "files": files,
     }

@@ -281,6 +281,7 @@ def _print_audit(r: dict[str, Any]) -> None:
     if several:
         per_key = ", ".join(f"key id {i}: {n}" for i, n in r["key_ids"].items())
         print(f"    by key:                 {per_key}")
+    print(f"    by format:              v1: {r['formats']['v1']}, v2: {r['formats']['v2']}")
     print(f"  Files needing encryption: {r['needs_encryption']}")
     print(f"  By encryption method:     {_methods(r['methods'])}")
     print(
@@ -333,7 +334,8 @@ def _rewrite_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_JOBS,
         metavar="N",
-        help=f"files sealed at once (default {DEFAULT_JOBS})",
+        help="files sealed at once, each by a process of its own "
+        f"(default: the number of CPUs, here {DEFAULT_JOBS})",
     )
 
 
@@ -399,24 +401,31 @@ def _rewrite_done(
 
 
 def _encrypt(args: argparse.Namespace) -> int:
-    setup = _rewrite_setup(args, "encrypt rewrites every legacy file in SOURCE")
+    what = "every legacy file" if args.format is None else f"every file not in {args.format}"
+    setup = _rewrite_setup(args, f"encrypt rewrites {what} in SOURCE")
     if isinstance(setup, int):
         return setup
     source, keyring = setup
     root = os.fsencode(source)
+    # A conversion opens envelopes: with the keyring (the current key first).
+    convert_to = None if args.format is None else int(args.format[1:])
+    ring = None if convert_to is None else keyring
     if args.dry_run:
-        report = dry_run(root, keyring.current, args.jobs)
+        report = dry_run(root, keyring.current, args.jobs, ring, convert_to=convert_to)
     else:
         done = _rewrite(
             source,
             keyring,
             "encrypt",
             "stormfs encrypt",
-            lambda progress: encrypt(root, keyring.current, args.jobs, progress),
+            lambda progress: encrypt(
+                root, keyring.current, args.jobs, progress, ring, convert_to=convert_to
+            ),
         )
         if isinstance(done, int):
             return done
         report = done
+    report["format"] = args.format
     return _rewrite_done(args, report, _print_encrypt)
 
 
@@ -425,12 +434,17 @@ def _print_encrypt(r: dict[str, Any]) -> None:
         for f in r["files"]:
             if f["status"] == "needs_encryption":
                 print(f"would encrypt  {f['path']}: {f['detail']}")
+            elif f["status"] == "needs_conversion":
+                print(f"would convert  {f['path']}: {f['detail']}")
+    into = f", into {r['format']}" if r["format"] else ""
     print(
-        f"\n{'Dry run' if r['dry_run'] else 'Encryption'} of {r['source']} (key id {r['key_id']})"
+        f"\n{'Dry run' if r['dry_run'] else 'Encryption'} of {r['source']} "
+        f"(key id {r['key_id']}{into})"
     )
     print(f"  Files scanned:      {r['scanned']}")
+    already = "in that format" if r["format"] else "encrypted"
     print(
-        f"  Already encrypted:  {r['already_encrypted']} (envelope header; "
+        f"  Already {already}:  {r['already_encrypted']} (envelope header; "
         "`stormfs audit` authenticates them)"
     )
     if r["dry_run"]:
@@ -447,7 +461,8 @@ def _print_encrypt(r: dict[str, Any]) -> None:
     if r["stale_temp_files"]:
         verb = "to remove" if r["dry_run"] else "removed"
         print(f"  Stale temporary files {verb}: {r['stale_temp_files']}")
-    errors = [f for f in r["files"] if f["status"] not in ("encrypted", "needs_encryption")]
+    done = ("encrypted", "needs_encryption", "needs_conversion")
+    errors = [f for f in r["files"] if f["status"] not in done]
     for f in errors:
         if f["status"] != "vanished":
             print(f"{f['status']}  {f['path']}: {f['detail']}")
@@ -696,6 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
         "running on SOURCE.",
     )
     _rewrite_options(p)
+    p.add_argument(
+        "--format",
+        choices=("v1", "v2"),
+        help="convert: v2 seals every legacy and v1 file as v2 (chunked; the Storm Cloud "
+        "server cannot read it), v1 every legacy and v2 file as v1 (to hand SOURCE back "
+        "to the server); envelopes are opened with the key and the keyring, sealed under "
+        "the current key (default: legacy files to v1, nothing else touched)",
+    )
     p.set_defaults(func=_encrypt)
 
     p = sub.add_parser(

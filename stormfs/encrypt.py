@@ -32,9 +32,11 @@ from .keys import Key, Keyring
 from .pipeline import BATCH_FILES, FDS_PER_FILE, Done, Migrator, Outcome, named
 from .plan import Job, Plan, plan
 from .scan import display
+from .sealing import Workers
 from .source import lock, open_dir, open_lock, state_dir
 
-DEFAULT_JOBS = 4
+# Files sealed at once, each by a process of its own.
+DEFAULT_JOBS = os.cpu_count() or 1
 ATTEMPTS = 3
 RETRY_DELAY = 0.5
 RETRYABLE = ("changed", "busy", "hard_links")
@@ -70,10 +72,19 @@ def dry_run(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    convert_to: int | None = None,
     per_user: bool = False,
 ) -> dict[str, Any]:
-    """What a run would do, changing nothing (a rotation when `keyring` is given)."""
-    p = plan(root, workers, keyring, include_legacy=include_legacy, per_user=per_user)
+    """What a run would do, changing nothing (a rotation when `keyring` is given
+    without `convert_to`)."""
+    p = plan(
+        root,
+        workers,
+        keyring,
+        include_legacy=include_legacy,
+        convert_to=convert_to,
+        per_user=per_user,
+    )
     return _report(root, key, p, [], 0.0, stale=len(p.stale), dry_run=True)
 
 
@@ -85,12 +96,17 @@ def encrypt(
     keyring: Keyring | None = None,
     *,
     include_legacy: bool = True,
+    convert_to: int | None = None,
     per_user: bool = False,
 ) -> dict[str, Any]:
     """Encrypt every legacy file, or with `keyring` (whose current key is `key`) rotate
     every envelope not under the key it belongs under, and legacy files if
     `include_legacy`.  A file belongs under `key`, or with `per_user`, for a file
     under ``SOURCE/ACCOUNT/``, under its user key of ACCOUNT.
+
+    With `convert_to` (1 or 2; `keyring` opens the envelopes) it is no rotation:
+    every legacy file and every envelope of the other format is sealed in that
+    format under `key`.
 
     Raises Busy if another run holds SOURCE.
     """
@@ -101,7 +117,7 @@ def encrypt(
         if why is not None:
             raise CannotSwap(why.strerror)
         return _encrypt_all(
-            root, key, workers, progress, state_fd, keyring, include_legacy, per_user
+            root, key, workers, progress, state_fd, keyring, include_legacy, convert_to, per_user
         )
 
 
@@ -130,6 +146,7 @@ def _encrypt_all(
     state_fd: int,
     keyring: Keyring | None,
     include_legacy: bool,
+    convert_to: int | None,
     per_user: bool,
 ) -> dict[str, Any]:
     # A lease break is announced with SIGIO, whose default action kills the
@@ -139,38 +156,49 @@ def _encrypt_all(
     want = FDS_PER_FILE * BATCH_FILES * 3
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    started = time.monotonic()
-    problems, keep_holds = recover_journals(root, state_fd)
-    # The pipeline authenticates what it seals again: recorded key ids save a read.
-    p = plan(root, workers, keyring, include_legacy=include_legacy, hints=True, per_user=per_user)
-    p.problems[:0] = problems
-    removed = 0
-    for rel in p.stale:
-        if rel in keep_holds:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(root, rel))
-            removed += 1
-    progress.start(len(p.jobs), sum(j.size for j in p.jobs))
-    migrator = Migrator(root, key, progress.advance, state_fd, keyring)
-    results: list[tuple[Job, Outcome]] = []
-    queue = p.jobs
-    for attempt in range(ATTEMPTS):
-        retry: list[Job] = []
-        for job, outcome in migrator.run(queue, workers):
-            retryable = outcome.done is None and outcome.status in RETRYABLE
-            if retryable and attempt + 1 < ATTEMPTS:
-                retry.append(job)
+    # The sealing processes start while SOURCE is walked, and serve every attempt.
+    with contextlib.closing(Workers(workers)) as sealers:
+        started = time.monotonic()
+        problems, keep_holds = recover_journals(root, state_fd)
+        # The pipeline authenticates what it seals again: recorded key ids save a read.
+        p = plan(
+            root,
+            workers,
+            keyring,
+            include_legacy=include_legacy,
+            hints=True,
+            convert_to=convert_to,
+            per_user=per_user,
+        )
+        p.problems[:0] = problems
+        removed = 0
+        for rel in p.stale:
+            if rel in keep_holds:
                 continue
-            results.append((job, outcome))
-            progress.finished(job, outcome, sparse=job.names[0] in p.sparse)
-        if not retry:
-            break
-        time.sleep(RETRY_DELAY * (attempt + 1))
-        queue = retry
-    progress.close()
-    seconds = time.monotonic() - started
-    return _report(root, key, p, results, seconds, stale=removed, dry_run=False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, rel))
+                removed += 1
+        progress.start(len(p.jobs), sum(j.size for j in p.jobs))
+        rotate = keyring is not None and convert_to is None
+        migrator = Migrator(root, key, progress.advance, state_fd, sealers, keyring, rotate=rotate)
+        results: list[tuple[Job, Outcome]] = []
+        queue = p.jobs
+        for attempt in range(ATTEMPTS):
+            retry: list[Job] = []
+            for job, outcome in migrator.run(queue, workers):
+                retryable = outcome.done is None and outcome.status in RETRYABLE
+                if retryable and attempt + 1 < ATTEMPTS:
+                    retry.append(job)
+                    continue
+                results.append((job, outcome))
+                progress.finished(job, outcome, sparse=job.names[0] in p.sparse)
+            if not retry:
+                break
+            time.sleep(RETRY_DELAY * (attempt + 1))
+            queue = retry
+        progress.close()
+        seconds = time.monotonic() - started
+        return _report(root, key, p, results, seconds, stale=removed, dry_run=False)
 
 
 def _report(
@@ -193,7 +221,10 @@ def _report(
     if dry_run:
         for job in p.jobs:
             for n in job.names:
-                if job.key is not None:
+                if job.key is not None and job.target is not None:
+                    detail = f"v{job.version} to v{job.target} ({job.size} bytes)"
+                    status = "needs_conversion"
+                elif job.key is not None:
                     detail = f"under {named(job.key)} ({job.size} bytes)"
                     status = "needs_rotation"
                 else:
@@ -204,7 +235,7 @@ def _report(
                 files.append({"path": display(n), "status": status, "detail": detail})
     from_keys: Counter[str] = Counter()
     for job in p.jobs:
-        if job.key is not None:
+        if job.key is not None and job.key.key_id != key.key_id:
             from_keys[job.key.key_id] += len(job.names)
     for job, o in results:
         count[o.status] += 1

@@ -7,12 +7,14 @@ For one file (one inode):
    refuses the lease while anyone has the file open for writing, and from
    then on makes any open for writing or truncate wait until we let go —
    which we do as soon as we notice, abandoning the attempt;
-2. stream it through `format.Sealer` into ``.stormfs-tmp-enc-*`` in the same
-   directory (hidden from the mount), authenticate that copy with
-   `format.verify_stream`, give it the original's mode, owner, times and other
-   extended attributes plus ``user.stormfs.key_id`` and the method
-   (``user.stormfs.encryption_method``); a file with several names gets its
-   envelope linked beside each, under a journal (`journal`);
+2. create ``.stormfs-tmp-enc-*`` in the same directory (hidden from the
+   mount) and hand both descriptors to a worker process (`sealing`), which
+   streams the original through `format.Sealer` (or `format_v2.Sealer`, for
+   a v2 file kept or made so) into it, authenticates that copy, and gives
+   it the original's mode, owner, times and other extended attributes plus
+   ``user.stormfs.key_id`` and the method (``user.stormfs.encryption_method``);
+   a file with several names gets its envelope
+   linked beside each, under a journal (`journal`);
 3. by batches: one ``syncfs`` makes the batch's copies (and journals)
    durable; each original whose identity (dev, ino, size, mtime, ctime) is
    unchanged is swapped with its copy by `swap.swap_in`, which undoes the
@@ -21,19 +23,19 @@ For one file (one inode):
    durable, and only then are the originals unlinked.
 
 The authentication in step 2 proves the copy decrypts to the bytes that were
-read: the tag covers every ciphertext byte, and the ciphertext is those bytes
-under AES-CTR.
+read (`sealing._verify` says why, for each format).
 
 Each job is sealed with its own key (`Job.seal`, else the run's key): on a
 per-user SOURCE, a file under an account is sealed with its user key.
 
-A rotation's job is an envelope not under the key it belongs under (`Job.key`): step 2
-decrypts it while sealing, and the copy is kept only if the original's tag
-verifies under that key at the end (the unverified plaintext only ever lands
-in the new envelope, hidden, which is then dropped).  An original that no
-longer opens under that key is classified again: under the current key it
-is done, under another key it is tried again with that one, under none it is
-reported DECRYPTION_FAILED and left as it is.
+A rotation's or a conversion's job is an envelope (`Job.key` opens it, and
+`Job.version` is its format): step 2 decrypts it while sealing, and the copy
+is kept only if the original authenticates under that key in full (the
+unverified plaintext of a v1 original only ever lands in the new envelope,
+hidden, which is then dropped).  An original that no longer opens under that
+key, or is in another format than planned, is classified again: done if it
+needs nothing any more, tried again as what it is now, reported
+DECRYPTION_FAILED and left as it is if no key opens it.
 """
 
 from __future__ import annotations
@@ -51,30 +53,19 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from . import format as fmt
+from . import format_v2 as v2
 from . import swap
 from .content import Identity, pread_stream
 from .journal import write_journal
 from .keys import Key, Keyring, account_of
 from .plan import TMP_PREFIX, Job
-from .scan import authenticate, describe, display, header_kind
-from .source import (
-    KEY_ID_XATTR,
-    METHOD_XATTR,
-    copy_metadata,
-    open_dir,
-    open_readonly,
-    pwrite_all,
-    recorded_key_id,
-    syncfs,
-)
+from .scan import Layout, authenticate, describe, display, header_layout, opening_key, user_first
+from .sealing import NotUnderKey, Workers, seal_file
+from .source import open_dir, open_readonly, recorded_key_id, syncfs
 from .swap import Retry, ino, lease_intact, put_back, take_lease
 from .units import human_bytes
 
-CHUNK = 1 << 20
 # A batch of sealed files is swapped in once it has this many files or bytes,
 # once its oldest file has waited this long, or when nothing else is coming.
 BATCH_FILES = 2048
@@ -84,6 +75,9 @@ BATCH_AGE = 2.0
 FDS_PER_FILE = 2
 # How often files waiting in a batch are checked for a writer waiting on them.
 POLL = 0.5
+# A file up to this size is sealed by the thread that opened it: handing it to a
+# process (a message, a wake-up, a reply) costs more than sealing it (measured).
+SMALL = 64 << 10
 NO_KEY_OPENS = (
     "DECRYPTION_FAILED: no key of the keyring opens it "
     "(wrong key, damaged or truncated, or plaintext starting with 0x01); left as is"
@@ -132,20 +126,17 @@ class Sealed:
         return self.writer_waiting() or Identity.of(os.fstat(self.fd)) != Identity.of(self.st)
 
 
-class _NotUnderKey(Exception):
-    """The original did not authenticate under the key its job named."""
-
-
 class Migrator:
-    """Seals files in worker threads; swaps them in by batches, with one sync per batch.
+    """Seals files in worker processes; swaps them in by batches, with one sync per batch.
 
     Durability comes from ``syncfs`` rather than an fsync per file and per
     directory: one sync makes a whole batch of envelopes (and journals) durable
     before any of them is swapped in, a second makes the swaps durable before
     the originals are unlinked.  Same guarantees, a fraction of the flushes.
 
-    `keyring` (a rotation) opens envelopes met meanwhile; without it, an
-    envelope found where a legacy file was planned is simply done.
+    `keyring` (a rotation, with `rotate`, or a conversion) opens envelopes met
+    meanwhile; without it, an envelope found where a legacy file was planned is
+    simply done.
     """
 
     def __init__(
@@ -154,17 +145,22 @@ class Migrator:
         key: Key,
         advance: Callable[[int], None],
         state_fd: int,
+        sealers: Workers,
         keyring: Keyring | None = None,
+        *,
+        rotate: bool = False,
     ) -> None:
         self.root = root
         self.key = key
         self.keyring = keyring
+        self.rotate = rotate
         self.advance = advance  # bytes read (negative: an attempt dropped)
         self.state_fd = state_fd
         self.run_id = secrets.token_hex(4).encode()
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._reaper: ThreadPoolExecutor
+        self._workers = sealers  # started by the caller, which also stops them
 
     def _temp_name(self) -> bytes:
         with self._seq_lock:
@@ -176,9 +172,9 @@ class Migrator:
     def run(self, jobs: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
         """Every job's outcome, as it is known.
 
-        Three stages overlap: workers seal files; a committer thread syncs and
-        swaps in one batch while the next fills; a reaper thread unlinks the
-        originals (freeing, maybe discarding, their blocks).
+        Three stages overlap: the `workers` processes seal files; a committer thread
+        syncs and swaps in one batch while the next fills; a reaper thread unlinks
+        the originals (freeing, maybe discarding, their blocks).
         """
         todo = iter(jobs)
         pending: dict[Future[Sealed | Outcome], Job] = {}
@@ -186,14 +182,17 @@ class Migrator:
         batch: list[Sealed] = []
         batch_bytes = 0
         polled = time.monotonic()
+        # A thread per job in flight: it opens and leases the original, waits for a
+        # process to seal it, links the copy; twice as many as processes keeps them busy.
+        threads = 2 * workers
         with (
-            ThreadPoolExecutor(max_workers=workers) as pool,
+            ThreadPoolExecutor(max_workers=threads) as pool,
             ThreadPoolExecutor(1) as committer,
             ThreadPoolExecutor(1) as reaper,
         ):
             self._reaper = reaper
             while True:
-                while len(pending) < 2 * workers and (job := next(todo, None)) is not None:
+                while len(pending) < 2 * threads and (job := next(todo, None)) is not None:
                     pending[pool.submit(self.prepare, job)] = job
                 for done in [c for c in committing if c.done()]:
                     committing.remove(done)
@@ -231,7 +230,7 @@ class Migrator:
                     committing.append(committer.submit(self._commit_all, batch))
                     batch, batch_bytes = [], 0
 
-    # ---- sealing (worker threads) -----------------------------------------------
+    # ---- sealing (threads, each handing its file to a worker process) -------------
 
     def prepare(self, job: Job) -> Sealed | Outcome:
         counted = [0]
@@ -268,47 +267,43 @@ class Migrator:
             if st.st_nlink != len(job.names) and (st.st_nlink > 1 or len(job.names) > 1):
                 raise Retry("hard_links", "its hard links changed during the run")
             leased = take_lease(fd)
-            kind = header_kind(fd, st)
-            if kind is fmt.Kind.PLAINTEXT and job.key is not None:
-                raise Retry("changed", "replaced by a plaintext file during the run")
-            if kind is fmt.Kind.ENCRYPTED and job.key is None:
-                outcome = self._reclassify(job, fd, st)
+            layout = header_layout(fd, st)
+            if layout.version != job.version:
+                outcome = self._reclassify(job, fd, st, layout)
                 _close_all(fd, dirs)
                 return outcome
             for rel in job.names:
                 dirs.append(self._open_dir(rel))
             try:
                 return self._seal_beside(job, fd, st, leased, dirs, counted)
-            except _NotUnderKey:
+            except NotUnderKey:
                 self.advance(-counted[0])
                 counted[0] = 0
-                outcome = self._reclassify(job, fd, st)
+                outcome = self._reclassify(job, fd, st, layout)
             _close_all(fd, dirs)
             return outcome
         except BaseException:
             _close_all(fd, dirs)
             raise
 
-    def _reclassify(self, job: Job, fd: int, st: os.stat_result) -> Outcome:
-        """An envelope that is not what its job said: done if under the current key, tried
-        again under the key that opens it (raising Retry), or reported if none does."""
+    def _reclassify(self, job: Job, fd: int, st: os.stat_result, layout: Layout) -> Outcome:
+        """A file that is not what its job said (another format, or not under the key
+        named): done if it needs nothing any more, tried again as what it is now
+        (raising Retry), or reported if no key opens it."""
+        if layout.version == 0:
+            raise Retry("changed", "replaced by a plaintext file during the run")
         if self.keyring is None:
             return Outcome(Done.ALREADY, "already", "encrypted meanwhile")
-        account, seal = account_of(job.names[0]), self.sealing(job)
-        opened = authenticate(
-            fd,
-            st.st_size,
-            self.keyring,
-            recorded_key_id(fd),
-            account=account,
-            per_user=seal.account is not None,
-        )
-        if opened is None:
+        if not self.rotate and layout.version == job.sealed_as:
+            return Outcome(Done.ALREADY, "already", f"{layout.name} meanwhile")
+        seal = self.sealing(job)
+        key = _opening_key(fd, st, layout, self.keyring, job.names[0], seal.account is not None)
+        if key is None:
             return Outcome(None, "decryption_failed", NO_KEY_OPENS)
-        if opened.key == seal:
+        if self.rotate and key == seal:
             return Outcome(Done.ALREADY, "already", "under the current key meanwhile")
-        job.key = opened.key
-        raise Retry("changed", f"found under {named(opened.key)}; try again")
+        job.key, job.version = key, layout.version
+        raise Retry("changed", f"found as {layout.name} under {named(key)}; try again")
 
     def sealing(self, job: Job) -> Key:
         """The key that seals `job`."""
@@ -334,19 +329,25 @@ class Migrator:
             0o600,
             dir_fd=dirs[0],
         )
+
+        def advance(n: int) -> None:
+            counted[0] += n
+            self.advance(n)
+
         try:
-            seal = self.sealing(job)
-            if job.key is None:
-                nonce, tag = self._seal(fd, out, st, leased, counted, seal)
-                self._verify(out, nonce, tag, st.st_size, seal)
-            else:
-                nonce, tag = self._reseal(fd, out, st, leased, counted, job.key, seal)
-                self._verify(out, nonce, tag, st.st_size - fmt.OVERHEAD, seal)
-            copy_metadata(os.path.join(self.root, job.names[0]), st, out)
-            os.setxattr(out, KEY_ID_XATTR, seal.key_id.encode())
-            os.setxattr(out, METHOD_XATTR, seal.method.encode())
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            t_st = os.fstat(out)
+            seal = seal_file if st.st_size <= SMALL else self._workers.seal
+            t_st = seal(
+                fd,
+                out,
+                st,
+                self.sealing(job),
+                old_key=job.key,
+                version=job.version,
+                target=job.sealed_as,
+                leased=leased,
+                path=os.path.join(self.root, job.names[0]),
+                advance=advance,
+            )
             for i in range(1, len(job.names)):
                 holds.append(self._temp_name())
                 os.link(holds[0], holds[i], src_dir_fd=dirs[0], dst_dir_fd=dirs[i])
@@ -358,81 +359,6 @@ class Migrator:
         finally:
             os.close(out)
         return Sealed(job, fd, st, leased, dirs, holds, t_st, journal, counted[0])
-
-    def _seal(
-        self, fd: int, out: int, st: os.stat_result, leased: bool, counted: list[int], seal: Key
-    ) -> tuple[bytes, bytes]:
-        sealer = fmt.Sealer(seal.material)
-        pwrite_all(out, sealer.header, 0)
-        off = 0
-        while True:
-            data = os.pread(fd, CHUNK, off)
-            if not data:
-                break
-            pwrite_all(out, sealer.update(data), fmt.HEADER_SIZE + off)
-            off += len(data)
-            counted[0] += len(data)
-            self.advance(len(data))
-            if leased and not lease_intact(fd):
-                raise Retry("changed", "opened for writing while being encrypted")
-        if off != st.st_size:
-            raise Retry("changed", "changed while being encrypted")
-        tag = sealer.finalize()
-        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-        return sealer.nonce, tag
-
-    def _reseal(
-        self,
-        fd: int,
-        out: int,
-        st: os.stat_result,
-        leased: bool,
-        counted: list[int],
-        key: Key,
-        seal: Key,
-    ) -> tuple[bytes, bytes]:
-        """Decrypt the envelope `fd` under `key` into a new one under `seal`, in one pass;
-        _NotUnderKey unless the original's tag verifies at the end."""
-        head = os.pread(fd, fmt.HEADER_SIZE, 0)
-        if len(head) != fmt.HEADER_SIZE or head[:1] != fmt.VERSION_BYTE:
-            raise Retry("changed", "changed while being re-encrypted")
-        opener = Cipher(algorithms.AES(key.material), modes.GCM(head[1:])).decryptor()
-        sealer = fmt.Sealer(seal.material)
-        pwrite_all(out, sealer.header, 0)
-        plain_size = st.st_size - fmt.OVERHEAD
-        off = 0
-        while off < plain_size:
-            data = os.pread(fd, min(CHUNK, plain_size - off), fmt.HEADER_SIZE + off)
-            if not data:
-                raise Retry("changed", "changed while being re-encrypted")
-            pwrite_all(out, sealer.update(opener.update(data)), fmt.HEADER_SIZE + off)
-            off += len(data)
-            counted[0] += len(data)
-            self.advance(len(data))
-            if leased and not lease_intact(fd):
-                raise Retry("changed", "opened for writing while being re-encrypted")
-        old_tag = os.pread(fd, fmt.TAG_SIZE, fmt.HEADER_SIZE + plain_size)
-        if len(old_tag) != fmt.TAG_SIZE or os.fstat(fd).st_size != st.st_size:
-            raise Retry("changed", "changed while being re-encrypted")
-        try:
-            opener.finalize_with_tag(old_tag)
-        except InvalidTag:
-            raise _NotUnderKey from None
-        counted[0] += fmt.OVERHEAD  # the job's size is the envelope's
-        self.advance(fmt.OVERHEAD)
-        tag = sealer.finalize()
-        pwrite_all(out, tag, fmt.HEADER_SIZE + off)
-        return sealer.nonce, tag
-
-    def _verify(self, out: int, nonce: bytes, tag: bytes, plain_size: int, seal: Key) -> None:
-        """The copy on disk authenticates under `seal`, with our nonce and tag: it decrypts
-        to what we read."""
-        size = plain_size + fmt.OVERHEAD
-        if os.fstat(out).st_size != size:
-            raise fmt.DecryptionFailed("size")
-        got = fmt.verify_stream(seal.material, pread_stream(out), size)
-        if got != nonce or os.pread(out, fmt.TAG_SIZE, size - fmt.TAG_SIZE) != tag:
-            raise fmt.DecryptionFailed("mismatch")
 
     # ---- swapping in (main thread) --------------------------------------------
 
@@ -511,8 +437,10 @@ class Migrator:
         self._reaper.submit(self._release, s)
         st, t_st = s.st, s.t_st
         detail = f"{st.st_size} bytes"
-        if s.job.key is not None:
-            seal = self.sealing(s.job)
+        if s.job.version and s.job.version != s.job.sealed_as:
+            detail += f", v{s.job.version} to v{s.job.sealed_as}"
+        seal = self.sealing(s.job)
+        if s.job.key is not None and s.job.key != seal:
             detail += f", from {named(s.job.key)} to {named(seal) if seal.account else seal.key_id}"
         growth = 0
         if st.st_blocks * 512 < st.st_size:
@@ -541,6 +469,24 @@ class Migrator:
         if journal is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(journal, dir_fd=self.state_fd)
+
+
+def _opening_key(
+    fd: int, st: os.stat_result, layout: Layout, keyring: Keyring, rel: bytes, per_user: bool
+) -> Key | None:
+    """The key of `keyring` (or, for a file `rel` of an account, its user key) that
+    opens the envelope `fd`, the recorded one tried first."""
+    account = account_of(rel)
+    recorded = recorded_key_id(fd)
+    if layout.version == 1:
+        opened = authenticate(fd, st.st_size, keyring, recorded, account=account, per_user=per_user)
+        return None if opened is None else opened.key
+
+    def opens(material: bytes) -> None:
+        v2.verify_stream(material, pread_stream(fd), st.st_size)
+
+    first = user_first(fd, account, per_user)
+    return opening_key(keyring, recorded, opens, account=account, user_first=first)
 
 
 def named(key: Key) -> str:

@@ -59,13 +59,16 @@ class Entry:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A file's class, why, (authenticated envelopes) the key that opens it, and (legacy
-    files and envelopes) its encryption method: ``none``, ``server`` or ``server-user``."""
+    """A file's class, why, (authenticated envelopes) the key that opens it, (legacy
+    files and envelopes) its encryption method: ``none``, ``server`` or
+    ``server-user``, and (from `classify_path`, envelopes) the format its header
+    names."""
 
     status: Status
     detail: str
     key: Key | None = None
     method: str | None = None
+    version: int | None = None
 
 
 def display(rel: bytes) -> str:
@@ -314,7 +317,7 @@ def classify_path(
             if quick:
                 method = USER_METHOD if user_first(fd, account, False) else MASTER_METHOD
                 header = f"{layout.name} header (not verified)"
-                return Verdict(Status.ENCRYPTED, header, None, method)
+                return Verdict(Status.ENCRYPTED, header, None, method, layout.version)
             if keyring is None:
                 return Verdict(Status.DECRYPTION_FAILED, "encrypted, and no key is configured")
             verdict = _authenticate(fd, st, keyring, layout, account, per_user)
@@ -354,7 +357,8 @@ def _authenticate(
         under = f"key id {key.key_id}"
         if key.account is not None:
             under = f"the user key of {display(key.account)} from {under}"
-        return Verdict(Status.ENCRYPTED, f"{prefix}authenticated under {under}", key, key.method)
+        detail = f"{prefix}authenticated under {under}"
+        return Verdict(Status.ENCRYPTED, detail, key, key.method, layout.version)
     if layout.version == 2:
         why = "v2 file does not authenticate under the key (wrong key, damaged, cut or extended)"
     else:
@@ -362,7 +366,9 @@ def _authenticate(
             "envelope does not authenticate under the key "
             "(wrong key, damaged or truncated, or plaintext starting with 0x01)"
         )
-    return Verdict(Status.DECRYPTION_FAILED, f"DECRYPTION_FAILED: {why}")
+    return Verdict(
+        Status.DECRYPTION_FAILED, f"DECRYPTION_FAILED: {why}", None, version=layout.version
+    )
 
 
 def bounded_map(

@@ -1,8 +1,10 @@
-"""The kill -9 loop shared by the fault tests over each kind of SOURCE: a writer
-commits versions of a few files while the daemon is killed at random moments;
-after each remount every file is one of its committed versions, nothing else.
+"""The kill -9 loops: `crash_loop`, shared by the fault tests over each kind of
+SOURCE (a writer commits versions of a few files while the daemon is killed at
+random moments; after each remount every file is one of its committed
+versions, nothing else), and `kill_runs`, which kills `stormfs encrypt` runs
+while they seal files.
 
-A run prints its seed; rerun a failure with STORMFS_CRASH_SEED=<seed>.
+A crash_loop run prints its seed; rerun a failure with STORMFS_CRASH_SEED=<seed>.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stormfs import redo
@@ -310,3 +314,43 @@ def crash_loop(
         figures["newer"] += outcome["newer"]
     print("crash figures:", json.dumps(figures))
     return figures
+
+
+def encrypt_temps(root: Path) -> set[Path]:
+    """The sealed copies of `stormfs encrypt` (and rotate) under root, not yet swapped in."""
+    return set(root.rglob(".stormfs-tmp-enc-*"))
+
+
+def kill_runs(
+    cmd: list[str],
+    env: dict[str, str],
+    src: Path,
+    rng: random.Random,
+    kills: int,
+    check: Callable[[], None],
+) -> int:
+    """Start `cmd` (a run that seals files of `src`) `kills` times, kill -9 it at a random
+    moment while it is sealing, and `check()` the tree after each; how many runs died
+    by the kill rather than finishing first."""
+    killed = 0
+    for _ in range(kills):
+        stale = encrypt_temps(src)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # Strike while this run seals files, at a random point of its work.
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                if encrypt_temps(src) - stale:
+                    break
+                time.sleep(0.002)
+            # Within a few tens of ms: later runs have little left to do, and a run that
+            # finishes before the kill tests nothing.
+            time.sleep(rng.uniform(0, 0.03))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+        finally:
+            proc.kill()
+            proc.wait(30)
+        check()
+    return killed

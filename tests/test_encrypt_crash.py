@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from stormfs.exitcodes import OK
 
+from .crashes import kill_runs
 from .helpers import scrubbed_env
 from .trees import leftovers, plain_decrypt, random_legacy, run_json, write
 
@@ -55,24 +54,7 @@ def test_kill_and_rerun(tmp_path: Path, key: str):
     expected, groups = build(src, rng)
     env = scrubbed_env(key)
     cmd = [sys.executable, "-m", "stormfs", "encrypt", str(src), "--force", "--jobs", "2"]
-    killed = 0
-    for _ in range(KILLS):
-        stale = set(leftovers(src))
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Strike while this run encrypts files, at a random point of its work.
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            if set(leftovers(src)) - stale:
-                break
-            time.sleep(0.002)
-        # Within a few tens of ms: later runs have little left to do, and a run that
-        # finishes before the kill tests nothing.
-        time.sleep(rng.uniform(0, 0.03))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed += 1
-        proc.wait(30)
-        check_every_name(src, key, expected)
+    killed = kill_runs(cmd, env, src, rng, KILLS, lambda: check_every_name(src, key, expected))
     rc, report = run_json("encrypt", str(src), "--force", key=key)
     assert rc == OK, (seed, report)
     assert report["errors"] == 0

@@ -8,16 +8,29 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from stormfs import format as fmt
+from stormfs import format_v2 as v2
+from stormfs import keys
 from stormfs.exitcodes import ISSUES_FOUND, OK
 
 from .helpers import MountFactory, scrubbed_env
 from .live_worker import version_bytes
-from .trees import DAEMON_INODE_REUSE, leftovers, legacy, plain_decrypt, run_json, stormfs, write
+from .trees import (
+    DAEMON_INODE_REUSE,
+    format_of,
+    leftovers,
+    legacy,
+    plain_decrypt,
+    plaintext,
+    run_json,
+    stormfs,
+    write,
+)
 
 WORKER = str(Path(__file__).with_name("live_worker.py"))
 
@@ -46,19 +59,62 @@ def live_source(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path
 def test_encrypt_while_mounted_and_in_use(
     tmp_path: Path, live_source: Path, key: str, mount_factory: MountFactory
 ):
-    src = live_source
+    migrate_in_use(tmp_path, live_source, key, mount_factory, stored=lambda i, data: data)
+
+
+@pytest.mark.parametrize("target", [2, 1])
+def test_convert_while_mounted_and_in_use(
+    tmp_path: Path, key: str, mount_factory: MountFactory, target: int
+):
+    """encrypt --format: legacy and v1 files become v2 (v2 files become v1) while the mount
+    (writing v1) reads and appends, and another program replaces files in SOURCE."""
+    raw = keys.parse_key(key)
+    if target == 2:
+        sealers = (lambda data: data, lambda data: fmt.seal(raw, data))
+    else:
+        sealers = (lambda data: v2.seal(raw, data),)
+    migrate_in_use(
+        tmp_path,
+        tmp_path / "src",
+        key,
+        mount_factory,
+        stored=lambda i, data: sealers[i % len(sealers)](data),
+        target=target,
+        static=20,
+        appended=12,
+    )
+
+
+def migrate_in_use(
+    tmp_path: Path,
+    src: Path,
+    key: str,
+    mount_factory: MountFactory,
+    *,
+    stored: Callable[[int, bytes], bytes],
+    target: int | None = None,
+    static: int = 40,
+    appended: int = 24,
+) -> None:
+    """Runs of encrypt (with ``--format v<target>`` if given; else legacy to v1) while
+    readers and an appender use a mount of SOURCE and a writer replaces files in it
+    directly; then every file is in the target format, nothing lost or torn.  The
+    i-th original file is stored as `stored(i, content)`."""
+    args = () if target is None else ("--format", f"v{target}")
+    target = target or 1
+    src.mkdir(exist_ok=True)
     manifest: dict[str, dict] = {}
     originals: dict[str, bytes] = {}
-    for i in range(40):
+    for i in range(static):
         rel = f"static/s{i}"
         originals[rel] = legacy(10_000 + i * 25_000)
         manifest[rel] = {"kind": "static"}
-    for i in range(24):
+    for i in range(appended):
         rel = f"append/a{i}"
         originals[rel] = legacy(1_500_000)
         manifest[rel] = {"kind": "append", "record": f"appended through the mount to {rel}\n"}
-    for rel, data in originals.items():
-        write(src / rel, data)
+    for i, (rel, data) in enumerate(originals.items()):
+        write(src / rel, stored(i, data))
         manifest[rel].update(
             size=len(data), sha256=hashlib.sha256(data).hexdigest(), head=data[:64].hex()
         )
@@ -82,7 +138,7 @@ def test_encrypt_while_mounted_and_in_use(
     appender = worker("append", str(m.mnt))
     runs = []
     for _ in range(2):
-        rc, report = run_json("encrypt", str(src), "--force", key=key)
+        rc, report = run_json("encrypt", str(src), "--force", *args, key=key)
         runs.append(report)
         assert rc in (OK, ISSUES_FOUND), report
     assert appender[0].wait(60) == 0
@@ -90,7 +146,7 @@ def test_encrypt_while_mounted_and_in_use(
     stop.touch()
     for proc, _ in (*readers, writer):
         assert proc.wait(60) == 0
-    rc, final = run_json("encrypt", str(src), "--force", key=key)
+    rc, final = run_json("encrypt", str(src), "--force", *args, key=key)
     assert rc == OK, final
 
     foreign = []
@@ -106,16 +162,18 @@ def test_encrypt_while_mounted_and_in_use(
     for rel, data in originals.items():
         expect = data + manifest[rel].get("record", "").encode()
         raw = (src / rel).read_bytes()
-        assert raw[:1] == b"\x01", rel
-        assert plain_decrypt(key, raw) == expect, f"{rel}: a write was lost"
+        assert format_of(raw) == target, rel
+        assert plaintext(key, raw) == expect, f"{rel}: a write was lost"
         assert (m.mnt / rel).read_bytes() == expect
     last = json.loads(writer[1].read_text())["last"]
     for rel, v in last.items():
-        assert plain_decrypt(key, (src / rel).read_bytes()) == version_bytes(rel, v), rel
+        raw = (src / rel).read_bytes()
+        assert format_of(raw) == target and plaintext(key, raw) == version_bytes(rel, v), rel
         assert (m.mnt / rel).read_bytes() == version_bytes(rel, v)
     assert leftovers(src) == []
     rc, audit = run_json("audit", str(src), key=key)
     assert audit["needs_encryption"] == 0 and audit["issues"] == 0, audit
+    assert audit["formats"][f"v{target}"] == len(manifest), audit
     if foreign and src.stat().st_dev == tmp_path.stat().st_dev:
         pytest.xfail(f"{DAEMON_INODE_REUSE} ({len(foreign)} reads, e.g. {foreign[0]})")
 

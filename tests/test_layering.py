@@ -17,6 +17,7 @@ ENGINES = (
     "audit",
     "encrypt",
     "pipeline",
+    "sealing",
     "plan",
     "swap",
     "journal",

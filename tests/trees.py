@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stormfs import format as fmt
+from stormfs import format_v2 as v2
 from stormfs import keys
 
 from .helpers import reference_decrypt, scrubbed_env
@@ -100,6 +101,21 @@ def make_mixed(root: Path, key: str) -> dict[str, Any]:
     os.symlink("notes.txt", root / "link-to-notes")
     os.mkfifo(root / "fifo")
     return {"legacy": legacy, "encrypted": plain_encrypted, "broken": broken}
+
+
+def plaintext(key: str, raw: bytes) -> bytes:
+    """A file's content whatever its format (legacy files are their content)."""
+    if raw.startswith(v2.SIGNATURE):
+        return v2.open_file(keys.parse_key(key), raw)
+    if fmt.classify(len(raw), raw[:1]) is fmt.Kind.ENCRYPTED:
+        return fmt.open_envelope(keys.parse_key(key), raw)
+    return raw
+
+
+def format_of(raw: bytes) -> int:
+    if raw.startswith(v2.SIGNATURE):
+        return 2
+    return 1 if fmt.classify(len(raw), raw[:1]) is fmt.Kind.ENCRYPTED else 0
 
 
 def snapshot(root: Path, *, atime: bool = True) -> dict[str, tuple]:
