@@ -295,8 +295,7 @@ class Store:
         """Where a version may be pending: a name in a directory (only while any is)."""
         if not self._publisher or at.name == b".":
             return None
-        st = os.fstat(at.dir_fd)
-        return (st.st_dev, st.st_ino, at.name)
+        return _place_of(at)
 
     def _reopen_pending(self, at: At, flags: int) -> int | None:
         """A descriptor of the version pending at `at`, None if none is."""
@@ -346,8 +345,7 @@ class Store:
         names, another filesystem)."""
         if self._publisher is None or old.st_nlink > 1 or old.st_dev != self._state_dev:
             return None
-        dir_st = os.fstat(at.dir_fd)
-        place = (dir_st.st_dev, dir_st.st_ino, at.name)
+        place = _place_of(at)
         dir_fd = At(at.dir_fd, b".").open(os.O_PATH | os.O_DIRECTORY)
         try:
             mine = os.dup(temp.fd)
@@ -772,6 +770,11 @@ class Committer:
         # names the file by its path.
         self._store.settle(self._at)
         return self._store.rewrite_chunks(reader, chunks, size, times=self._times)
+
+
+def _place_of(at: At) -> Place:
+    st = os.fstat(at.dir_fd)
+    return (st.st_dev, st.st_ino, at.name)
 
 
 def _replaced(name: bytes) -> OSError:
