@@ -9,7 +9,8 @@ the passthrough measured in the same run. Needs root (mounts, drop_caches).
     .venv/bin/python bench/run.py [--quick] [--targets raw,passthrough,gocryptfs,stormfs,stormfs-v2]
 
 `stormfs-v2` is stormfs mounted with -o format=v2 (chunked files); `stormfs-sole`
-with -o writeback_cache,exclusive (a SOURCE it has to itself).
+with -o writeback_cache,exclusive (a SOURCE it has to itself); `stormfs-batched`
+with -o publish_delay=0.1 (group commit).
 
 `--requests` adds, on stormfs mounts with each set of options of `--requests-with`,
 the kernel requests per file (by kind, from the daemon's own counters) that
@@ -38,9 +39,19 @@ import targets as tg
 import workloads as wl
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs", "stormfs-v2", "stormfs-sole")
+ALL_TARGETS = (
+    "raw",
+    "passthrough",
+    "gocryptfs",
+    "stormfs",
+    "stormfs-v2",
+    "stormfs-sole",
+    "stormfs-batched",
+)
 # stormfs-sole: a mount that has SOURCE to itself (README: writeback_cache, exclusive).
 SOLE_OPTIONS = "writeback_cache,exclusive"
+# stormfs-batched: group commit with the delay the README states as the bound.
+BATCHED_OPTIONS = "publish_delay=0.1"
 DEFAULT_TARGETS = ("raw", "passthrough", "gocryptfs", "stormfs")
 # The ratios the table shows: (target, baseline).
 RATIOS = (
@@ -50,6 +61,8 @@ RATIOS = (
     ("stormfs-v2", "stormfs"),
     ("stormfs-sole", "gocryptfs"),
     ("stormfs-sole", "passthrough"),
+    ("stormfs-batched", "gocryptfs"),
+    ("stormfs-batched", "stormfs"),
 )
 FULL = {
     "rounds": 3,
@@ -241,6 +254,9 @@ def make_targets(args: argparse.Namespace, key: str) -> list[tg.Target]:
         ),
         "stormfs-sole": lambda: tg.Stormfs(
             args.stormfs, key, name="stormfs-sole", options=("-o", SOLE_OPTIONS)
+        ),
+        "stormfs-batched": lambda: tg.Stormfs(
+            args.stormfs, key, name="stormfs-batched", options=("-o", BATCHED_OPTIONS)
         ),
     }
     return [factories[name]() for name in args.targets]
