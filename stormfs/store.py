@@ -297,8 +297,11 @@ class Store:
             return None
         return _place_of(at)
 
-    def _reopen_pending(self, at: At, flags: int) -> int | None:
-        """A descriptor of the version pending at `at`, None if none is."""
+    def reopen_pending(self, at: At, flags: int = os.O_RDONLY) -> int | None:
+        """A descriptor of the version pending at `at`, None if none is.
+
+        A metadata change (mode, owner, times, xattrs) made through it needs no
+        publish first: the temporary file is the inode the rename will name."""
         place = self._place(at)
         if self._publisher is None or place is None:
             return None
@@ -367,7 +370,7 @@ class Store:
     def stat(self, at: At) -> tuple[os.stat_result, int, Layout | None]:
         """lstat, plus the plaintext size and the format of a regular file
         (`scan.layout_of`, cached by identity; None where the file cannot be opened)."""
-        fd = self._reopen_pending(at, os.O_RDONLY)
+        fd = self.reopen_pending(at, os.O_RDONLY)
         if fd is not None:
             try:
                 st = os.fstat(fd)
@@ -453,7 +456,7 @@ class Store:
     def open_reader(self, at: At) -> Reader:
         # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
         try:
-            fd = self._reopen_pending(at, os.O_RDONLY)
+            fd = self.reopen_pending(at, os.O_RDONLY)
             if fd is None:
                 fd = at.open(os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:

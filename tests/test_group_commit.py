@@ -1,7 +1,8 @@
 """Group commit (`-o publish_delay`): a close no longer waits for the disk; its new
 version is served at once and published under its name within the delay, in a
 batch with others.
-What needs the name itself (fsync, rename, link, metadata changes) publishes first,
+What needs the name itself (fsync, rename, link, xattrs) publishes first, a change of
+mode, owner or times goes to the waiting version and is published with it,
 and a publish that fails reaches the file's next fsync and close."""
 
 from __future__ import annotations
@@ -68,12 +69,8 @@ def test_fsync_rename_link_and_metadata_changes_publish_first(mount_factory: Mou
     assert stored(m, "linked2") == b"two names" == stored(m, "linked")
 
     (m.mnt / "meta").write_bytes(b"metadata")
-    os.chmod(m.mnt / "meta", 0o640)
     os.setxattr(m.mnt / "meta", "user.tag", b"kept")
-    os.utime(m.mnt / "meta", ns=(1_000_000_000, 2_000_000_000))
-    st = (m.source / "meta").stat()
     assert stored(m, "meta") == b"metadata"
-    assert st.st_mode & 0o777 == 0o640 and st.st_mtime_ns == 2_000_000_000
     assert os.getxattr(m.source / "meta", "user.tag") == b"kept"
 
     (m.mnt / "gone").write_bytes(b"removed before its batch")
@@ -82,6 +79,37 @@ def test_fsync_rename_link_and_metadata_changes_publish_first(mount_factory: Mou
     time.sleep(3.5)
     assert not (m.source / "gone").exists()  # no batch brings it back
     assert sorted(os.listdir(m.mnt)) == ["doc", "linked", "linked2", "meta", "synced"]
+
+
+def test_mode_owner_and_times_go_with_the_waiting_version(mount_factory: MountFactory):
+    """`tar -x` sets them on every file it has just closed: no publish of its own."""
+    m = mount_factory(args=SLOW)
+    (m.mnt / "old").write_bytes(b"before")
+    m.settle()
+    old = (m.source / "old").stat()
+    (m.mnt / "old").write_bytes(b"after")
+    (m.mnt / "new").write_bytes(b"new file")
+    times = (1_000_000_000, 2_000_000_000)
+    for name in ("old", "new"):
+        os.chmod(m.mnt / name, 0o640)
+        os.chown(m.mnt / name, 1234, 5678)
+        os.utime(m.mnt / name, ns=times)
+        st = (m.mnt / name).stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+            0o640, 1234, 5678, times[1]
+        )
+    # Nothing published yet: the names in SOURCE hold what they held before.
+    assert stored(m, "old") == b"before"
+    assert (m.source / "old").stat().st_mode == old.st_mode
+    assert stored(m, "new") == b""  # created empty, its content waits for the batch
+    m.settle()
+    assert (stored(m, "old"), stored(m, "new")) == (b"after", b"new file")
+    for name in ("old", "new"):
+        st = (m.source / name).stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+            0o640, 1234, 5678, times[1]
+        )
+        assert (m.mnt / name).read_bytes() == stored(m, name)
 
 
 def test_a_directory_fsync_publishes_what_was_closed_in_it(mount_factory: MountFactory):

@@ -65,9 +65,8 @@ class AttrOps(OpsBase):
                     await self._commit(node, durable=False)
                 if opened_here and node.file.opens == 0:
                     await self._close_reader(node)
-            if isinstance(target, At):
-                await self._settle(target)  # the change must reach the version served
-            await self._meta(self._set_metadata, node, target, attr, fields)
+            async with self._metadata_target(target) as where:
+                await self._meta(self._set_metadata, node, where, attr, fields)
         return await self._entry(node)
 
     def _set_metadata(

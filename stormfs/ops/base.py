@@ -15,13 +15,14 @@ at shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -261,6 +262,19 @@ class OpsBase(pyfuse3.Operations):
         name or its metadata changes; raises the error of a publish that fails."""
         if self.store.has_pending:
             await self._run(self.store.settle, at)
+
+    @contextlib.asynccontextmanager
+    async def _metadata_target(self, target: At | int) -> AsyncIterator[At | int]:
+        """Where a metadata change of `target` goes: the version pending there, if a
+        closed one waits for its batch (group commit), else `target` itself."""
+        fd = None
+        if isinstance(target, At) and self.store.has_pending:
+            fd = await self._meta(self.store.reopen_pending, target)
+        try:
+            yield target if fd is None else fd
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     async def _close_reader(self, node: Node) -> None:
         reader, node.file.reader = node.file.reader, None
