@@ -61,7 +61,7 @@ from .journal import write_journal
 from .keys import Key, Keyring, account_of
 from .plan import TMP_PREFIX, Job
 from .scan import Layout, authenticate, describe, display, header_layout, opening_key, user_first
-from .sealing import NotUnderKey, Workers, seal_file
+from .sealing import NotUnderKey, Seal, Workers, seal_file
 from .source import open_dir, open_readonly, recorded_key_id, syncfs
 from .swap import Retry, ino, lease_intact, put_back, take_lease
 from .units import human_bytes
@@ -336,9 +336,7 @@ class Migrator:
 
         try:
             seal = seal_file if st.st_size <= SMALL else self._workers.seal
-            t_st = seal(
-                fd,
-                out,
+            spec = Seal(
                 st,
                 self.sealing(job),
                 old_key=job.key,
@@ -346,8 +344,8 @@ class Migrator:
                 target=job.sealed_as,
                 leased=leased,
                 path=os.path.join(self.root, job.names[0]),
-                advance=advance,
             )
+            t_st = seal(fd, out, spec, advance)
             for i in range(1, len(job.names)):
                 holds.append(self._temp_name())
                 os.link(holds[0], holds[i], src_dir_fd=dirs[0], dst_dir_fd=dirs[i])

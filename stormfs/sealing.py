@@ -50,38 +50,43 @@ class NotUnderKey(Exception):
     """The original did not authenticate under the key it was to be opened with."""
 
 
-def seal_file(
-    fd: int,
-    out: int,
-    st: os.stat_result,
-    key: Key,
-    *,
-    old_key: Key | None,
-    version: int,
-    target: int,
-    leased: bool,
-    path: bytes,
-    advance: Callable[[int], None],
-) -> os.stat_result:
-    """Seal the original open at `fd` (`st` its fstat, `path` its name; `version` its
-    format: 0 legacy, 1 or 2) into the empty file `out`, in format `target` (1 or 2)
-    under `key`; authenticate that copy, give it the original's metadata and
-    `key`'s id; return the copy's fstat.
+@dataclass(frozen=True)
+class Seal:
+    """What sealing one original takes, besides its two descriptors (pickled to a worker).
 
-    A legacy original is read as it is; an envelope is opened with `old_key` on
-    the way, and NotUnderKey raised unless all of it authenticates (a v1 tag is
+    `st` is the original's fstat and `path` its name; `version` its format (0 legacy,
+    1 or 2), opened with `old_key`; `target` the format of the copy (1 or 2), sealed
+    under `key`; `leased`: the original's descriptor holds a read lease to watch."""
+
+    st: os.stat_result
+    key: Key
+    old_key: Key | None
+    version: int
+    target: int
+    leased: bool
+    path: bytes
+
+
+def seal_file(fd: int, out: int, job: Seal, advance: Callable[[int], None]) -> os.stat_result:
+    """Seal the original open at `fd` into the empty file `out` as `job` says;
+    authenticate that copy, give it the original's metadata and the key's id; return
+    the copy's fstat.
+
+    A legacy original is read as it is; an envelope is opened with `job.old_key`
+    on the way, and NotUnderKey raised unless all of it authenticates (a v1 tag is
     checked at the end: the unverified plaintext only lands in the copy, which
     is then dropped).  `advance(n)` is told each `n` bytes read, `st.st_size`
     in all.  Retry when the original changes, or a writer waits for its lease;
     DecryptionFailed when the copy read back does not verify.
     """
+    st, key = job.st, job.key
     sealer: fmt.Sealer | v2.Sealer = (
-        fmt.Sealer(key.material) if target == 1 else v2.Sealer(key.material)
+        fmt.Sealer(key.material) if job.target == 1 else v2.Sealer(key.material)
     )
     pwrite_all(out, sealer.header, 0)
     pos = len(sealer.header)
     plain_size = 0
-    for piece in _plaintext(fd, st, old_key, version, leased, advance):
+    for piece in _plaintext(fd, job, advance):
         sealed = sealer.update(piece)
         pwrite_all(out, sealed, pos)
         pos += len(sealed)
@@ -89,33 +94,27 @@ def seal_file(
     tail = sealer.finalize()
     pwrite_all(out, tail, pos)
     _verify(out, key, sealer, tail, plain_size)
-    copy_metadata(path, st, out)
+    copy_metadata(job.path, st, out)
     os.setxattr(out, KEY_ID_XATTR, key.key_id.encode())
     os.setxattr(out, METHOD_XATTR, key.method.encode())
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     return os.fstat(out)
 
 
-def _plaintext(
-    fd: int,
-    st: os.stat_result,
-    old_key: Key | None,
-    version: int,
-    leased: bool,
-    advance: Callable[[int], None],
-) -> Iterator[bytes]:
+def _plaintext(fd: int, job: Seal, advance: Callable[[int], None]) -> Iterator[bytes]:
     """The original's plaintext, piece by piece (see `seal_file`)."""
-    if version == 0:
+    st = job.st
+    if job.version == 0:
         pieces = _legacy(fd, st)
-    elif old_key is None:
+    elif job.old_key is None:
         raise ValueError("an envelope needs the key that opens it")
-    elif version == 1:
-        pieces = _v1(fd, st, old_key)
+    elif job.version == 1:
+        pieces = _v1(fd, st, job.old_key)
     else:
-        pieces = _v2(fd, st, old_key)
+        pieces = _v2(fd, st, job.old_key)
     for piece, nread in pieces:
         advance(nread)
-        if leased and not lease_intact(fd):
+        if job.leased and not lease_intact(fd):
             raise Retry("changed", "opened for writing while being encrypted")
         yield piece
     if os.fstat(fd).st_size != st.st_size:
@@ -311,24 +310,10 @@ class Workers:
                     self._workers[i] = _Worker()
             return min(self._workers, key=lambda w: len(w.calls))
 
-    def seal(
-        self,
-        fd: int,
-        out: int,
-        st: os.stat_result,
-        key: Key,
-        *,
-        old_key: Key | None,
-        version: int,
-        target: int,
-        leased: bool,
-        path: bytes,
-        advance: Callable[[int], None],
-    ) -> os.stat_result:
-        """`seal_file` with these arguments, in a worker process."""
+    def seal(self, fd: int, out: int, job: Seal, advance: Callable[[int], None]) -> os.stat_result:
+        """`seal_file` in a worker process."""
         call = _Call(advance)
-        job = pickle.dumps((st, key, old_key, version, target, leased, path))
-        self._pick().submit(job, [fd, out], call)
+        self._pick().submit(pickle.dumps(job), [fd, out], call)
         call.done.wait()
         kind, value = call.reply
         if kind == "done":
@@ -395,19 +380,7 @@ def serve(sock_fd: int) -> None:
                 unreported = 0
 
         try:
-            st, key, old_key, version, target, leased, path = pickle.loads(raw)
-            stat_out = seal_file(
-                fd,
-                out,
-                st,
-                key,
-                old_key=old_key,
-                version=version,
-                target=target,
-                leased=leased,
-                path=path,
-                advance=advance,
-            )
+            stat_out = seal_file(fd, out, pickle.loads(raw), advance)
             reply: tuple[str, Any] = ("done", stat_out)
         except ConnectionError:
             return

@@ -90,14 +90,13 @@ def test_mode_owner_and_times_go_with_the_waiting_version(mount_factory: MountFa
     (m.mnt / "old").write_bytes(b"after")
     (m.mnt / "new").write_bytes(b"new file")
     times = (1_000_000_000, 2_000_000_000)
+    want = (0o640, 1234, 5678, times[1])
     for name in ("old", "new"):
         os.chmod(m.mnt / name, 0o640)
         os.chown(m.mnt / name, 1234, 5678)
         os.utime(m.mnt / name, ns=times)
         st = (m.mnt / name).stat()
-        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == (
-            0o640, 1234, 5678, times[1]
-        )
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == want
     # Nothing published yet: the names in SOURCE hold what they held before.
     assert stored(m, "old") == b"before"
     assert (m.source / "old").stat().st_mode == old.st_mode
@@ -106,9 +105,7 @@ def test_mode_owner_and_times_go_with_the_waiting_version(mount_factory: MountFa
     assert (stored(m, "old"), stored(m, "new")) == (b"after", b"new file")
     for name in ("old", "new"):
         st = (m.source / name).stat()
-        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == (
-            0o640, 1234, 5678, times[1]
-        )
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid, st.st_mtime_ns) == want
         assert (m.mnt / name).read_bytes() == stored(m, name)
 
 

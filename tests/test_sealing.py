@@ -18,7 +18,7 @@ from stormfs import format as fmt
 from stormfs import format_v2 as v2
 from stormfs import keys, swap
 from stormfs.exitcodes import OK
-from stormfs.sealing import NotUnderKey, Workers
+from stormfs.sealing import NotUnderKey, Seal, Workers
 
 from .helpers import reference_decrypt, scrubbed_env
 from .trees import KEY_ID, leftovers, legacy, plain_decrypt, stormfs, write
@@ -47,9 +47,7 @@ def seal_into(
     out = os.open(src.with_name(src.name + ".sealed"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     read = [0]
     try:
-        t_st = workers.seal(
-            fd,
-            out,
+        job = Seal(
             os.fstat(fd),
             KEY,
             old_key=old_key,
@@ -57,8 +55,8 @@ def seal_into(
             target=target,
             leased=swap.take_lease(fd),
             path=os.fsencode(src),
-            advance=lambda n: read.__setitem__(0, read[0] + n),
         )
+        t_st = workers.seal(fd, out, job, lambda n: read.__setitem__(0, read[0] + n))
         assert t_st.st_ino == os.fstat(out).st_ino
         return os.pread(out, t_st.st_size + 1, 0), read[0]
     finally:
@@ -141,18 +139,8 @@ def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path: Path, worker
 
     try:
         with pytest.raises(OSError, match="sealing process ended"):
-            workers.seal(
-                fd,
-                out,
-                os.fstat(fd),
-                KEY,
-                old_key=None,
-                version=0,
-                target=1,
-                leased=False,
-                path=os.fsencode(tmp_path / "big"),
-                advance=kill_them,
-            )
+            job = Seal(os.fstat(fd), KEY, None, 0, 1, False, os.fsencode(tmp_path / "big"))
+            workers.seal(fd, out, job, kill_them)
     finally:
         os.close(fd)
         os.close(out)
