@@ -93,29 +93,18 @@ Authenticate = Callable[[int, int], Opened | None]
 
 
 class Verdicts:
-    """Backing-file identity -> the `Opened` of an envelope whose tag verified, or FAILED.
+    """Backing-file identity -> the `Opened` of an envelope whose tag verified, or FAILED."""
 
-    `only_key` is the key of a keyring that has one: a verdict recorded without
-    its key can only be under that one.
-    """
-
-    def __init__(self, capacity: int = 65536, *, only_key: Key | None = None) -> None:
+    def __init__(self, capacity: int = 65536) -> None:
         self._cache: LRU = LRU(capacity)
-        self._only_key = only_key
 
     def get(self, ident: Identity) -> Opened | str | None:
         """The remembered verdict, FAILED, or None when this file was never verified."""
         return self._cache.get(ident)
 
-    def put(self, ident: Identity, nonce: bytes, key: Key | None = None) -> None:
-        """Remember that the file `ident` authenticates, with `nonce`, under `key`.
-
-        Without `key` (and with several keys), nothing is remembered: which key
-        opens the file is found again at its next open.
-        """
-        key = key or self._only_key
-        if key is not None:
-            self._cache.put(ident, Opened(nonce, key))
+    def put(self, ident: Identity, nonce: bytes, key: Key) -> None:
+        """Remember that the file `ident` authenticates, with `nonce`, under `key`."""
+        self._cache.put(ident, Opened(nonce, key))
 
     def fail(self, ident: Identity) -> None:
         self._cache.put(ident, FAILED)

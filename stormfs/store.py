@@ -151,8 +151,7 @@ class Store:
         self.per_user_keys = per_user_keys
         self.keyring = keyring
         self.key = keyring.current if keyring is not None else None
-        only = self.key if keyring is not None and len(keyring) == 1 else None
-        self.verdicts = Verdicts(only_key=only)
+        self.verdicts = Verdicts()
         self.reported = Reported()
         self._layouts: LRU = LRU(262144)
         self.scratch_key = os.urandom(64)  # AES-256-XTS for scratch; never on disk

@@ -75,7 +75,7 @@ def test_a_file_damaged_under_an_open_reader_fails_and_is_logged(tmp_path: Path,
 def test_a_verdict_serves_the_next_open_of_the_same_version_only(tmp_path: Path):
     path = tmp_path / "f"
     path.write_bytes(fmt.seal(KEY, b"v1"))
-    verdicts = Verdicts(only_key=KEYRING.current)
+    verdicts = Verdicts()
     first = _reader(path, verdicts)
     nonce, key = first.verify()
     first.close()
@@ -116,10 +116,10 @@ def test_a_verdict_for_another_envelope_under_the_same_identity_is_not_trusted(t
     nonce must match the envelope's own before the verdict is used."""
     path = tmp_path / "f"
     path.write_bytes(fmt.seal(KEY, b"the real content"))
-    verdicts = Verdicts(only_key=KEYRING.current)
+    verdicts = Verdicts()
     reader = _reader(path, verdicts)
     try:
-        verdicts.put(reader.ident, bytes(12))  # what the earlier file had
+        verdicts.put(reader.ident, bytes(12), KEYRING.current)  # what the earlier file had
         assert reader.read(0, 100) == b"the real content"
         assert reader.nonce == path.read_bytes()[1:13]
     finally:

@@ -284,7 +284,7 @@ class OpsBase(pyfuse3.Operations):
     def _metadata_changed(self, node: Node) -> None:
         """Blocking: our own chmod/chown/utime/xattr change moved ctime, not content."""
         reader = node.file.reader
-        if isinstance(reader, EnvelopeReader) and reader.nonce is not None:
+        if isinstance(reader, EnvelopeReader) and reader.nonce and reader.key:
             nonce = reader.nonce
             reader.refresh()
             reader.verdicts.put(reader.ident, nonce, reader.key)
