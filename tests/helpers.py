@@ -38,6 +38,21 @@ MOUNT_VARIANTS = pytest.mark.parametrize(
 )
 
 
+def changed_chunks(before: bytes, after: bytes, chunk_size: int = v2.CHUNK_SIZE) -> list[int]:
+    """Indices of the chunk slots whose bytes differ between two versions (a slot
+    past the end of either counts as changed); -1 for the header."""
+    if before[: v2.HEADER_SIZE] != after[: v2.HEADER_SIZE]:
+        return [-1]
+    slot = v2.slot_size(chunk_size)
+    count = -(-(max(len(before), len(after)) - v2.HEADER_SIZE) // slot)
+    return [
+        i
+        for i in range(count)
+        if before[v2.chunk_offset(i, chunk_size) :][:slot]
+        != after[v2.chunk_offset(i, chunk_size) :][:slot]
+    ]
+
+
 def scrubbed_env(key: str | None = None, **extra: str) -> dict[str, str]:
     """This process's environment without any STORMCLOUD_* variable; `key` as the key."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMCLOUD_")}

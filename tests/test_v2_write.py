@@ -14,7 +14,7 @@ from stormfs import format_v2 as v2
 from stormfs.daemon import V2_WARNING
 
 from .crashes import crash_loop
-from .helpers import Mount, MountFactory
+from .helpers import Mount, MountFactory, changed_chunks
 
 V2 = ("-o", "format=v2")
 C = v2.CHUNK_SIZE
@@ -27,21 +27,6 @@ def stored(m: Mount, name: str) -> bytes:
 def opened(m: Mount, name: str) -> bytes:
     """The plaintext of a v2 file in SOURCE, authenticated whole."""
     return v2.open_file(m.raw_key, stored(m, name))
-
-
-def changed_chunks(before: bytes, after: bytes, chunk_size: int = C) -> list[int]:
-    """Indices of the chunk slots whose bytes differ between two versions (a slot
-    past the end of either counts as changed); -1 for the header."""
-    if before[: v2.HEADER_SIZE] != after[: v2.HEADER_SIZE]:
-        return [-1]
-    slot = v2.slot_size(chunk_size)
-    count = -(-(max(len(before), len(after)) - v2.HEADER_SIZE) // slot)
-    return [
-        i
-        for i in range(count)
-        if before[v2.chunk_offset(i, chunk_size) :][:slot]
-        != after[v2.chunk_offset(i, chunk_size) :][:slot]
-    ]
 
 
 def test_a_format_v2_mount_writes_v2_files_and_says_once_who_cannot_read_them(
