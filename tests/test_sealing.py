@@ -3,6 +3,7 @@ what comes back, and that no worker outlives its run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,9 +154,11 @@ def test_a_worker_that_dies_fails_its_job_and_is_replaced(tmp_path: Path, worker
 
 
 def children(pid: int) -> set[int]:
+    """The children of every thread of `pid` (a thread may end while they are listed)."""
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(c) for c in (task / "children").read_text().split()}
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
     return found
 
 
