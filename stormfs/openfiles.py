@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,9 +23,38 @@ if TYPE_CHECKING:
     from .inodes import Node
 
 
+class FileLock:
+    """A `trio.Lock` that an uncontended request takes without yielding.
+
+    trio's own `acquire` always passes through the scheduler (a checkpoint: ~13 us
+    here, against 2 us for `acquire_nowait`), and nearly every request takes its
+    file's lock, almost always free.  Taken at once when free; when held, the
+    request waits its turn as with `trio.Lock` (first come, first served)."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
 @dataclass(eq=False)
 class OpenFile:
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: FileLock = field(default_factory=FileLock)
     opens: int = 0  # handles, of files and of directories
     reader: Reader | None = None
     working: WorkingCopy | None = None
