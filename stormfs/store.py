@@ -319,6 +319,19 @@ class Store:
         if self._publisher and place is not None:
             self._publisher.settle(place)
 
+    def defers(self, at: At) -> bool:
+        """Whether a commit of `at` that is not durable leaves its sync to the publisher
+        (`_defer`: one name, on the state directory's filesystem) without waiting for
+        it (no earlier version of the file is being published)."""
+        return (
+            self._publisher is not None
+            and self._deferrable(at.lstat())
+            and self._publisher.find(_place_of(at)) is None
+        )
+
+    def _deferrable(self, old: os.stat_result) -> bool:
+        return old.st_nlink == 1 and old.st_dev == self._state_dev
+
     @property
     def has_pending(self) -> bool:
         return bool(self._publisher)
@@ -345,7 +358,7 @@ class Store:
         """Queue `temp` to be published at `at` by the next batch, and return its
         descriptor; None where it must be published now (a durable commit, several
         names, another filesystem)."""
-        if self._publisher is None or old.st_nlink > 1 or old.st_dev != self._state_dev:
+        if self._publisher is None or not self._deferrable(old):
             return None
         place = _place_of(at)
         dir_fd = At(at.dir_fd, b".").open(os.O_PATH | os.O_DIRECTORY)

@@ -244,6 +244,11 @@ class WorkingCopy:
             return self._scratch is None and (self._base_limit == 0 or not self._in_place())
         return self._scratch is None and self._prefix.streaming
 
+    def streams(self) -> bool:
+        """Whether a commit now only finishes the envelope streamed so far (and fills
+        in what lies under it up to `size`), rather than rewriting the file."""
+        return self._prefix is not None and self._streaming()
+
     def _in_place(self) -> bool:
         """Whether the base is a v2 file this copy's new version may keep, chunks and all."""
         base = self.base

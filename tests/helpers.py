@@ -29,12 +29,18 @@ MOUNT_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 
 # For tests on the `mounted` fixture: each runs on a mount with the defaults, on one
-# with the kernel's writeback cache, and on one that also has SOURCE to itself
-# (conftest's `mount_args`).
+# with the kernel's writeback cache, on one that also has SOURCE to itself, and on one
+# with group commit (conftest's `mount_args`).  A test that looks at SOURCE itself
+# calls `settle()` first: with group commit a closed file is published within the delay.
 MOUNT_VARIANTS = pytest.mark.parametrize(
     "mount_args",
-    [(), ("-o", "writeback_cache"), ("-o", "writeback_cache,exclusive")],
-    ids=["default", "writeback_cache", "writeback_cache+exclusive"],
+    [
+        (),
+        ("-o", "writeback_cache"),
+        ("-o", "writeback_cache,exclusive"),
+        ("-o", "publish_delay=0.05"),
+    ],
+    ids=["default", "writeback_cache", "writeback_cache+exclusive", "group_commit"],
 )
 
 

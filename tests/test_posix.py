@@ -59,6 +59,7 @@ def test_truncate_ftruncate_otrunc(mounted: Mount):
     assert f.stat().st_size == 0
     os.close(fd)
     assert f.read_bytes() == b""
+    mounted.settle()
     assert (mounted.source / "f").stat().st_size == 29
 
 
@@ -159,11 +160,13 @@ def test_chmod_chown_utimens(mounted: Mount):
     os.chmod(f, 0o640)
     os.chown(f, 1234, 5678)
     os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+    mounted.settle()
     for st in (f.stat(), (mounted.source / "f").stat()):
         assert stat.S_IMODE(st.st_mode) == 0o640
         assert (st.st_uid, st.st_gid) == (1234, 5678)
         assert st.st_mtime_ns == 2_000_000_000
     f.write_bytes(b"rewritten")  # metadata survives a commit
+    mounted.settle()
     st = (mounted.source / "f").stat()
     assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (1234, 5678)
 
@@ -234,10 +237,12 @@ def test_inode_numbers_stable_across_rewrites(mounted: Mount):
     f = mounted.mnt / "f"
     f.write_bytes(b"one")
     ino = f.stat().st_ino
+    mounted.settle()
     backing = (mounted.source / "f").stat().st_ino
     for i in range(5):
         f.write_bytes(b"rewrite %d" % i)
         assert f.stat().st_ino == ino
+    mounted.settle()
     assert (mounted.source / "f").stat().st_ino != backing  # atomic replace underneath
     os.rename(f, mounted.mnt / "g")
     assert (mounted.mnt / "g").stat().st_ino == ino
