@@ -180,3 +180,24 @@ async def test_unknown_handles_and_inodes(ops: Operations):
     assert await errno_of(ops.getattr(999, CTX)) == errno.ESTALE
     assert await errno_of(ops.lookup(999, b"x", CTX)) == errno.ESTALE
     assert await errno_of(ops.lookup(ROOT, b"missing", CTX)) == errno.ENOENT
+
+
+async def test_opening_a_node_whose_name_now_leads_elsewhere_answers_estale(
+    ops: Operations, source: Path
+):
+    """A file replaced behind the mount (`stormfs encrypt` exchanges names), and its
+    name looked up again meanwhile, by another reader: an open of the old node
+    answers ESTALE, so the kernel looks the name up again, never ENOENT for a name
+    that exists."""
+    (source / "f").write_bytes(b"legacy")
+    old = (await ops.lookup(ROOT, b"f", CTX)).st_ino
+    (source / "f.new").write_bytes(b"replacement")
+    os.rename(source / "f.new", source / "f")
+    new = (await ops.lookup(ROOT, b"f", CTX)).st_ino
+    assert new != old
+    assert await errno_of(ops.open(old, os.O_RDONLY, CTX)) == errno.ESTALE
+    info = await ops.open(new, os.O_RDONLY, CTX)
+    assert await ops.read(info.fh, 0, 100) == b"replacement"
+    await ops.release(info.fh)
+    os.unlink(source / "f")
+    assert await errno_of(ops.open(new, os.O_RDONLY, CTX)) == errno.ESTALE
