@@ -48,9 +48,6 @@ class FileLock:
     ) -> None:
         self._lock.release()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
 
 @dataclass(eq=False)
 class OpenFile:

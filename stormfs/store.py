@@ -299,8 +299,8 @@ class Store:
     def reopen_pending(self, at: At, flags: int = os.O_RDONLY) -> int | None:
         """A descriptor of the version pending at `at`, None if none is.
 
-        A metadata change (mode, owner, times, xattrs) made through it needs no
-        publish first: the temporary file is the inode the rename will name."""
+        A change of mode, owner or times made through it needs no publish first:
+        the temporary file is the inode the rename will name."""
         place = self._place(at)
         if self._publisher is None or place is None:
             return None
