@@ -100,17 +100,12 @@ class InodeTable:
         return self._by_link.get((parent, name))
 
     def name_of(self, node: Node) -> tuple[Node, bytes]:
-        """A name the node has now: its parent's node and the name in it.
-
-        ESTALE once none is left: the name the kernel resolved to this node may
-        lead to another object by now (replaced behind the mount, and looked up
-        meanwhile), and ESTALE makes the kernel walk the path again rather than
-        report ENOENT for a name that exists."""
+        """A name the node has now: its parent's node and the name in it."""
         for parent, name in node.links:
             p = self._nodes.get(parent)
             if p is not None:
                 return p, name
-        raise OSError(errno.ESTALE, "no name left")
+        raise OSError(errno.ENOENT, "no name left")
 
     def hold(self, node: Node, fd: int) -> None:
         """Give a directory's node the descriptor of its backing directory."""

@@ -66,8 +66,14 @@ class FileOps(OpsBase):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         async with node.file.lock:
             if node.file.working is None:
-                at = await self._meta(self._at, node)
-                node.file.reader = await self._meta(self._fresh_reader, node, at)
+                try:
+                    at = await self._meta(self._at, node)
+                    node.file.reader = await self._meta(self._fresh_reader, node, at)
+                except FileNotFoundError:
+                    # The name the kernel opened by now leads to another file (replaced
+                    # behind the mount, and looked up meanwhile) or to none: ESTALE makes
+                    # the kernel look it up again and open what is there, or say ENOENT.
+                    raise OSError(errno.ESTALE, "no longer under that name") from None
                 node.handed_out = None
                 st = await self._meta(os.fstat, node.file.reader.fd)
                 # The name may hold another file than the node last knew (replaced behind
